@@ -1,0 +1,295 @@
+"""The estimator users import: ``from vaelens import VAE``.
+
+scikit-learn conventions: the constructor only stores parameters, `fit` validates and
+returns self, learned state ends in ``_``. Inputs may be numpy arrays or torch tensors;
+outputs are numpy arrays. Every inference call runs in eval mode under inference_mode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from . import checkpoint as ck
+from . import data as data_mod
+from .config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from .data import Dataset
+from .errors import ConfigError, DataError, VaelensError
+from .model import VAEModule
+from .train import fit as _fit
+from .train import prepare as _prepare
+
+ArrayLike = Union[np.ndarray, torch.Tensor, Sequence]
+
+
+@dataclass(frozen=True)
+class Posterior:
+    """q(z|x) = N(mu, diag(sigma^2)) for each of n samples.
+
+    Attributes
+    ----------
+    mu : ndarray of shape (n, d)
+    sigma : ndarray of shape (n, d), all > 0
+    """
+
+    mu: np.ndarray
+    sigma: np.ndarray
+
+    @property
+    def var(self) -> np.ndarray:
+        return self.sigma ** 2
+
+    def __len__(self) -> int:
+        return len(self.mu)
+
+
+_MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)} - {"input_dim", "image_shape"}
+_TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)} - {"epochs", "seed"}
+_DATA_FIELDS = {"binarize", "standardize", "val_fraction"}
+
+
+class VAE:
+    """A variational autoencoder with a diagonal-Gaussian encoder and a N(0, I) prior.
+
+    Parameters
+    ----------
+    latent_dim : int
+    hidden : tuple of int
+        Hidden layer sizes of the encoder trunk (the decoder mirrors them); () for linear.
+    likelihood : {"bernoulli", "cbernoulli", "gaussian"}
+    **kwargs
+        Any other field of `ModelConfig` (``arch``, ``activation``, ``gaussian_scale``,
+        ``sigma_floor`` ...), `TrainConfig` (``lr``, ``batch_size``, ``beta``, ``objective`` ...)
+        or ``binarize``, ``standardize``, ``val_fraction``.
+
+    Attributes
+    ----------
+    module_ : VAEModule
+        The trained torch module (eval mode).
+    config_ : RunConfig
+    history_ : list of dict
+        One metrics record per epoch.
+    n_features_in_ : int
+    """
+
+    def __init__(self, latent_dim: int = 8, hidden: Tuple[int, ...] = (256, 128), likelihood: str = "bernoulli",
+                 **kwargs):
+        self.latent_dim = latent_dim
+        self.hidden = tuple(hidden)
+        self.likelihood = likelihood
+        unknown = set(kwargs) - _MODEL_FIELDS - _TRAIN_FIELDS - _DATA_FIELDS
+        if unknown:
+            raise ConfigError(f"VAE: unknown parameter(s) {', '.join(sorted(unknown))}")
+        self.params = dict(kwargs)
+
+    # --- configuration ---------------------------------------------------------------------
+    def _config(self, epochs: int, seed: int) -> RunConfig:
+        p = self.params
+        model = ModelConfig(latent_dim=self.latent_dim, hidden=self.hidden, likelihood=self.likelihood,
+                            **{k: v for k, v in p.items() if k in _MODEL_FIELDS})
+        train = TrainConfig(epochs=epochs, seed=seed, **{k: v for k, v in p.items() if k in _TRAIN_FIELDS})
+        data = DataConfig(name="array", **{k: v for k, v in p.items() if k in _DATA_FIELDS})
+        return RunConfig(data=data, model=model, train=train)
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, module: VAEModule) -> "VAE":
+        est = cls(latent_dim=cfg.model.latent_dim, hidden=cfg.model.hidden, likelihood=cfg.model.likelihood)
+        est.config_ = cfg
+        est.module_ = module.eval()
+        est.n_features_in_ = cfg.model.input_dim
+        est.history_ = []
+        return est
+
+    # --- training --------------------------------------------------------------------------
+    def fit(self, X: ArrayLike, X_val: Optional[ArrayLike] = None, *, epochs: int = 100, seed: int = 0,
+            image_shape: Optional[Tuple[int, int]] = None, run_dir: Optional[Union[str, Path]] = None,
+            progress: Optional[bool] = False) -> "VAE":
+        """Train on X (n, p); returns self.
+
+        Parameters
+        ----------
+        X : array-like of shape (n, p), or (n, h, w) images
+        X_val : array-like of shape (m, p), optional
+            Validation data for early stopping; without it ``val_fraction`` of X is held out.
+        epochs, seed : int
+        image_shape : (h, w), optional
+            Needed for ``arch="conv"`` when X is flattened.
+        run_dir : path, optional
+            Also write a run directory (config, weights, metrics) there.
+        """
+        ds = _as_dataset(X, "X", image_shape)
+        val = None if X_val is None else _as_dataset(X_val, "X_val", image_shape)
+        cfg = self._config(epochs, seed)
+        if val is not None:
+            cfg = cfg.replace(data={"val_fraction": 0.0})
+        cfg, Xtr, Xv = _prepare(cfg, ds, val)
+        if run_dir is not None and Path(run_dir).exists() and any(Path(run_dir).iterdir()):
+            raise VaelensError(f"{run_dir}: already exists and is not empty; choose another run directory")
+        result = _fit(cfg, Xtr, Xv, run_dir=None if run_dir is None else Path(run_dir), progress=progress)
+        self.module_ = result.module
+        self.config_ = result.config
+        self.history_ = result.history
+        self.n_features_in_ = cfg.model.input_dim
+        self.result_ = result
+        return self
+
+    # --- inference -------------------------------------------------------------------------
+    def _check(self) -> None:
+        if not hasattr(self, "module_"):
+            raise VaelensError("this VAE is not fitted yet: call fit(X) or VAE.load(path) first")
+
+    def _tensor(self, X: ArrayLike, where: str = "X") -> torch.Tensor:
+        """Validate and transform new data exactly as the training data was."""
+        self._check()
+        ds = _as_dataset(X, where, None)
+        Xn = data_mod.apply_transform(ds.X, self.config_.transform) if self.config_.data.standardize else ds.X
+        data_mod.validate(Xn, self.config_.model.likelihood, where, self.n_features_in_)
+        return torch.as_tensor(Xn, dtype=torch.float32, device=self.device_)
+
+    @property
+    def device_(self) -> torch.device:
+        self._check()
+        return next(self.module_.parameters()).device
+
+    def encode(self, X: ArrayLike, batch_size: int = 4096) -> Posterior:
+        """Per-sample posterior q(z|x): mu and sigma of shape (n, d)."""
+        Xt = self._tensor(X)
+        mus, sigmas = [], []
+        self.module_.eval()
+        with torch.inference_mode():
+            for i in range(0, len(Xt), batch_size):
+                qz = self.module_.encoder(Xt[i:i + batch_size])
+                mus.append(qz.loc)
+                sigmas.append(qz.scale)
+        return Posterior(mu=torch.cat(mus).cpu().numpy(), sigma=torch.cat(sigmas).cpu().numpy())
+
+    def transform(self, X: ArrayLike) -> np.ndarray:
+        """The posterior means mu(x), shape (n, d): the usual latent representation."""
+        return self.encode(X).mu
+
+    def sample_latent(self, X: ArrayLike, n_samples: int = 1, seed: Optional[int] = None) -> np.ndarray:
+        """Reparameterized z = mu + sigma * eps through the training path, shape (n_samples, n, d)."""
+        if n_samples < 1:
+            raise ConfigError(f"n_samples must be >= 1, got {n_samples}")
+        Xt = self._tensor(X)
+        self.module_.eval()
+        with torch.inference_mode(), _seeded(seed, Xt.device):
+            z = self.module_.encoder(Xt).rsample((n_samples,))               # (S, n, d)
+        return z.cpu().numpy()
+
+    def decode(self, Z: ArrayLike, mean: bool = True) -> np.ndarray:
+        """Decoder output for latent points Z (m, d): the likelihood's mean (or a draw), in data units."""
+        self._check()
+        Zt = torch.as_tensor(np.asarray(Z, dtype=np.float32), device=self.device_)
+        if Zt.ndim != 2 or Zt.shape[1] != self.config_.model.latent_dim:
+            raise DataError(f"Z: expected shape (m, {self.config_.model.latent_dim}), got {tuple(Zt.shape)}")
+        if not torch.isfinite(Zt).all():
+            raise DataError("Z: contains NaN or infinite values")
+        self.module_.eval()
+        with torch.inference_mode():
+            px = self.module_.decoder(Zt)
+            out = px.mean if mean else px.sample()
+        out = out.cpu().numpy()
+        return data_mod.invert_transform(out, self.config_.transform) if self.config_.data.standardize else out
+
+    def reconstruct(self, X: ArrayLike) -> np.ndarray:
+        """Decoder mean at z = mu(x), shape (n, p), in data units."""
+        return self.decode(self.encode(X).mu)
+
+    def generate(self, n: int, seed: Optional[int] = None) -> np.ndarray:
+        """Decoder means for n draws z ~ N(0, I), shape (n, p)."""
+        self._check()
+        if n < 1:
+            raise ConfigError(f"n must be >= 1, got {n}")
+        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        z = torch.randn(n, self.config_.model.latent_dim, generator=g)
+        return self.decode(z.numpy())
+
+    def elbo(self, X: ArrayLike, n_samples: int = 1, seed: Optional[int] = 0, batch_size: int = 4096) -> np.ndarray:
+        """Per-sample ELBO in nats, shape (n,), with `n_samples` draws of z per sample."""
+        Xt = self._tensor(X)
+        out = []
+        self.module_.eval()
+        with torch.inference_mode(), _seeded(seed, Xt.device):
+            for i in range(0, len(Xt), batch_size):
+                out.append(self.module_.terms(Xt[i:i + batch_size], n_samples=n_samples).elbo)
+        return torch.cat(out).double().cpu().numpy()
+
+    # --- persistence -----------------------------------------------------------------------
+    def save(self, path: Union[str, Path], overwrite: bool = False) -> Path:
+        """Write a run directory (config.json, model.safetensors) that `VAE.load` and the CLI read."""
+        self._check()
+        path = Path(path)
+        if path.exists() and any(path.iterdir()) and not overwrite:
+            raise VaelensError(f"{path}: already exists and is not empty; pass overwrite=True to replace it")
+        path.mkdir(parents=True, exist_ok=True)
+        ck.save_config(path, self.config_)
+        ck.save_tensors(path / ck.WEIGHTS, self.module_.state_dict())
+        summary = getattr(self, "result_", None)
+        ck.write_summary(path, summary.summary if summary is not None else {})
+        return path
+
+    @classmethod
+    def load(cls, path: Union[str, Path], device: str = "cpu") -> "VAE":
+        """Load a run directory written by `save` or `vaelens train`."""
+        cfg, module = ck.load_model(Path(path), map_location=device)
+        est = cls.from_config(cfg, module)
+        est.history_ = ck.read_metrics(Path(path))
+        return est
+
+    def __repr__(self) -> str:
+        extra = "".join(f", {k}={v!r}" for k, v in self.params.items())
+        return f"VAE(latent_dim={self.latent_dim}, hidden={self.hidden}, likelihood={self.likelihood!r}{extra})"
+
+
+def _as_dataset(X: ArrayLike, where: str, image_shape) -> Dataset:
+    if isinstance(X, Dataset):
+        return X
+    if isinstance(X, torch.Tensor):
+        X = X.detach().cpu().numpy()
+    try:
+        arr = np.asarray(X)
+    except ValueError as e:
+        raise DataError(f"{where}: cannot be read as an array ({e})") from None
+    if arr.dtype == object:
+        raise DataError(f"{where}: ragged or non-numeric input (dtype object)")
+    if arr.ndim == 1:
+        raise DataError(f"{where}: expected a 2-D array (samples, features), got 1-D shape {arr.shape}; "
+                        f"use X.reshape(-1, 1) for one feature or X.reshape(1, -1) for one sample")
+    if arr.ndim == 3:
+        ds = data_mod._from_array(arr, where)
+    else:
+        if arr.dtype.kind not in "biuf":
+            raise DataError(f"{where}: expected numbers, got dtype {arr.dtype}")
+        if arr.ndim != 2:
+            raise DataError(f"{where}: expected a 2-D array (samples, features), got shape {arr.shape}")
+        ds = Dataset(X=arr.astype(np.float32), name=where, image_shape=image_shape)
+    if image_shape is not None:
+        ds.image_shape = tuple(image_shape)
+    return ds
+
+
+class _seeded:
+    """Seed torch's generator for a block without disturbing the caller's stream (no-op for None)."""
+
+    def __init__(self, seed: Optional[int], device: torch.device):
+        self.seed, self.device = seed, device
+
+    def __enter__(self):
+        if self.seed is None:
+            return self
+        devices = [self.device] if self.device.type == "cuda" else []
+        self._fork = torch.random.fork_rng(devices=devices)
+        self._fork.__enter__()
+        torch.manual_seed(self.seed)
+        return self
+
+    def __exit__(self, *exc):
+        if self.seed is not None:
+            self._fork.__exit__(*exc)
+        return False

@@ -1,0 +1,74 @@
+"""torchrun / DistributedDataParallel set-up and rank helpers.
+
+Under torchrun (WORLD_SIZE > 1 in the environment) `setup()` joins the process group:
+gloo on CPU, NCCL on CUDA. Outside torchrun everything here is a no-op for rank 0 of 1.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def env_info() -> DistInfo:
+    """Rank and world size as torchrun sets them (rank 0 of 1 when not under torchrun)."""
+    return DistInfo(
+        rank=int(os.environ.get("RANK", 0)),
+        world_size=int(os.environ.get("WORLD_SIZE", 1)),
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+    )
+
+
+def setup(device: torch.device) -> DistInfo:
+    """Join the process group when launched by torchrun; return this process's rank info."""
+    info = env_info()
+    if info.distributed and not tdist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(info.local_rank)
+        tdist.init_process_group(backend=backend)
+    return info
+
+
+def teardown() -> None:
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks in place (identity outside torchrun)."""
+    if tdist.is_initialized() and tdist.get_world_size() > 1:
+        tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+    return t
+
+
+def barrier() -> None:
+    if tdist.is_initialized() and tdist.get_world_size() > 1:
+        tdist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s Python object on every rank."""
+    if tdist.is_initialized() and tdist.get_world_size() > 1:
+        box = [obj]
+        tdist.broadcast_object_list(box, src=src)
+        return box[0]
+    return obj

@@ -1,0 +1,212 @@
+"""The VAE: an encoder that returns q(z|x) as a Normal, a decoder that returns p(x|z), and the loss terms.
+
+Shapes: x (n, p); the encoder's mu, sigma (n, d); with S samples z is (S, n, d) and the
+decoder's distribution has batch shape (S, n, p). Every loss term is per sample, shape (n,);
+callers average.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributions import Bernoulli, ContinuousBernoulli, Distribution, Normal, kl_divergence
+
+from .config import ModelConfig
+from .errors import ConfigError
+
+# Decoder scales below this make the Gaussian log-likelihood unbounded as a pixel's error goes to 0.
+GAUSSIAN_SCALE_FLOOR = 1e-3
+
+_ACTIVATIONS = {
+    "relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "gelu": nn.GELU,
+    "silu": nn.SiLU, "softplus": nn.Softplus, "leaky_relu": nn.LeakyReLU,
+}
+
+
+def mlp(sizes, activation: str, last_activation: bool = True) -> nn.Sequential:
+    """Linear layers between consecutive `sizes`, each followed by the activation."""
+    layers = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if last_activation or i < len(sizes) - 2:
+            layers.append(_ACTIVATIONS[activation]())
+    return nn.Sequential(*layers)
+
+
+class Encoder(nn.Module):
+    """x -> trunk -> x̃ -> two heads -> q(z|x) = Normal(mu(x), sigma(x)).
+
+    sigma = softplus(sigma_head(x̃)) + sigma_floor: softplus keeps it positive with a gradient
+    everywhere, and the floor keeps log sigma and the KL finite when a head saturates.
+    No batch-dependent layers: mu(x) and sigma(x) depend on x alone.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        p = cfg.input_dim
+        self.image_shape = cfg.image_shape
+        if cfg.arch == "conv":
+            h, w = cfg.image_shape
+            convs, c_in = [], 1
+            for c in cfg.conv_channels:
+                convs += [nn.Conv2d(c_in, c, 4, stride=2, padding=1), _ACTIVATIONS[cfg.activation]()]
+                c_in = c
+            k = 2 ** len(cfg.conv_channels)
+            flat = c_in * (h // k) * (w // k)
+            self.trunk = nn.Sequential(nn.Unflatten(1, (1, h, w)), *convs, nn.Flatten(1),
+                                       *mlp((flat, *cfg.hidden), cfg.activation))
+            width = cfg.hidden[-1] if cfg.hidden else flat
+        else:
+            self.trunk = mlp((p, *cfg.hidden), cfg.activation) if cfg.hidden else nn.Identity()
+            width = cfg.hidden[-1] if cfg.hidden else p
+        self.mu_head = nn.Linear(width, cfg.latent_dim)
+        self.sigma_head = nn.Linear(width, cfg.latent_dim)
+        self.sigma_floor = cfg.sigma_floor
+
+    def forward(self, x: torch.Tensor) -> Normal:
+        xt = self.trunk(x)                                                   # (n, width): x̃
+        mu = self.mu_head(xt)                                                # (n, d)
+        sigma = F.softplus(self.sigma_head(xt)) + self.sigma_floor           # (n, d)
+        return Normal(mu, sigma, validate_args=False)
+
+
+class Decoder(nn.Module):
+    """z -> network -> p(x|z): Bernoulli(logits), ContinuousBernoulli(logits) or Normal(loc, scale)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        p, d = cfg.input_dim, cfg.latent_dim
+        self.likelihood = cfg.likelihood
+        if cfg.arch == "conv":
+            h, w = cfg.image_shape
+            k = 2 ** len(cfg.conv_channels)
+            chans = tuple(reversed(cfg.conv_channels))
+            flat = chans[0] * (h // k) * (w // k)
+            deconvs = []
+            for c_in, c_out in zip(chans, chans[1:] + (1,)):
+                deconvs += [nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1), _ACTIVATIONS[cfg.activation]()]
+            deconvs = deconvs[:-1]  # the output layer is linear: it gives logits or means
+            self.net = nn.Sequential(*mlp((d, *reversed(cfg.hidden), flat), cfg.activation),
+                                     nn.Unflatten(1, (chans[0], h // k, w // k)), *deconvs, nn.Flatten(1))
+            self._conv = True
+        else:
+            self.net = mlp((d, *reversed(cfg.hidden), p), cfg.activation, last_activation=False)
+            self._conv = False
+        if cfg.likelihood == "gaussian":
+            init = math.log(math.expm1(max(cfg.fixed_scale - GAUSSIAN_SCALE_FLOOR, 1e-6)))
+            shape = {"fixed": (), "shared": (1,), "per_feature": (p,)}[cfg.gaussian_scale]
+            raw = torch.full(shape, init)
+            if cfg.gaussian_scale == "fixed":
+                self.register_buffer("raw_scale", raw)
+            else:
+                self.raw_scale = nn.Parameter(raw)
+
+    @property
+    def first(self) -> nn.Linear:
+        """The Linear layer that reads z; latent symmetries act on its input columns."""
+        return self.net[0]
+
+    def forward(self, z: torch.Tensor) -> Distribution:
+        lead = z.shape[:-1]                                                  # (S, n) or (n,)
+        out = self.net(z.reshape(-1, z.shape[-1]) if self._conv else z)
+        out = out.reshape(*lead, -1)                                         # (..., p)
+        if self.likelihood == "bernoulli":
+            return Bernoulli(logits=out, validate_args=False)
+        if self.likelihood == "cbernoulli":
+            return ContinuousBernoulli(logits=out, validate_args=False)
+        scale = F.softplus(self.raw_scale) + GAUSSIAN_SCALE_FLOOR
+        return Normal(out, scale.expand_as(out), validate_args=False)
+
+
+@dataclass
+class Terms:
+    """Per-sample loss terms, all shape (n,) except `kl_dim` (n, d)."""
+
+    rec: torch.Tensor       # E_q[log p(x|z)], Monte Carlo over the samples drawn
+    kl: torch.Tensor        # KL(q(z|x) || p(z)), analytic
+    kl_dim: torch.Tensor    # per latent dimension
+    elbo: torch.Tensor      # rec - kl
+
+    @property
+    def neg_elbo(self) -> torch.Tensor:
+        return -self.elbo
+
+
+class VAEModule(nn.Module):
+    """Encoder, decoder and the prior p(z) = N(0, I)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.input_dim is None:
+            raise ConfigError("model.input_dim is not set: build the model from data")
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        # Buffers, so the prior follows the module across devices and dtypes.
+        self.register_buffer("prior_loc", torch.zeros(cfg.latent_dim))
+        self.register_buffer("prior_scale", torch.ones(cfg.latent_dim))
+
+    @property
+    def latent_dim(self) -> int:
+        return self.cfg.latent_dim
+
+    def prior(self) -> Normal:
+        return Normal(self.prior_loc, self.prior_scale, validate_args=False)  # batch (d,)
+
+    def terms(self, x: torch.Tensor, target: Optional[torch.Tensor] = None, n_samples: int = 1) -> Terms:
+        """ELBO terms per sample, with `n_samples` reparameterized draws of z for the reconstruction."""
+        target = x if target is None else target
+        qz = self.encoder(x)                                                 # batch (n, d)
+        z = qz.rsample((n_samples,))                                         # (S, n, d)
+        px = self.decoder(z)                                                 # batch (S, n, p)
+        rec = px.log_prob(target).sum(-1).mean(0)                            # (n,)
+        kl_dim = kl_divergence(qz, self.prior())                             # (n, d)
+        kl = kl_dim.sum(-1)                                                  # (n,)
+        return Terms(rec=rec, kl=kl, kl_dim=kl_dim, elbo=rec - kl)
+
+    def forward(self, x: torch.Tensor, target: Optional[torch.Tensor] = None, *, objective: str = "elbo",
+                iw_samples: int = 1, beta: float = 1.0, free_bits: float = 0.0):
+        """Scalar training loss and the per-sample `Terms` for logging.
+
+        ELBO: -(mean rec - beta * KL), where with free bits each dimension's batch-mean KL counts
+        as at least `free_bits` nats (Kingma et al. 2016), so nothing is gained by pushing a
+        dimension's KL below it. IWAE: -mean of the K-sample bound (Burda et al. 2016).
+        The training step goes through forward() so that DistributedDataParallel sees it.
+        """
+        if objective == "iwae":
+            lw, qz, log_px = self._log_weights(x, iw_samples, target)       # (K, n), batch (n, d), (K, n)
+            bound = torch.logsumexp(lw, 0) - math.log(iw_samples)            # (n,)
+            with torch.no_grad():
+                kl_dim = kl_divergence(qz, self.prior())                     # (n, d)
+                rec = log_px.mean(0)
+                terms = Terms(rec=rec, kl=kl_dim.sum(-1), kl_dim=kl_dim, elbo=rec - kl_dim.sum(-1))
+            return -bound.mean(), terms
+        t = self.terms(x, target)
+        kl_term = t.kl_dim.mean(0).clamp(min=free_bits).sum() if free_bits > 0 else t.kl.mean()
+        return -(t.rec.mean() - beta * kl_term), t
+
+    def log_weights(self, x: torch.Tensor, n_samples: int, target: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Importance log-weights log p(x|z_k) + log p(z_k) - log q(z_k|x), shape (K, n)."""
+        return self._log_weights(x, n_samples, target)[0]
+
+    def _log_weights(self, x, n_samples, target=None):
+        target = x if target is None else target
+        qz = self.encoder(x)                                                 # batch (n, d)
+        z = qz.rsample((n_samples,))                                         # (K, n, d)
+        px = self.decoder(z)                                                 # batch (K, n, p)
+        log_px = px.log_prob(target).sum(-1)                                 # (K, n)
+        log_pz = self.prior().log_prob(z).sum(-1)                            # (K, n)
+        log_qz = qz.log_prob(z).sum(-1)                                      # (K, n)
+        return log_px + log_pz - log_qz, qz, log_px
+
+    def iwae_bound(self, x: torch.Tensor, n_samples: int, target: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The K-sample importance-weighted bound on log p(x), shape (n,)."""
+        lw = self.log_weights(x, n_samples, target)                          # (K, n)
+        return torch.logsumexp(lw, 0) - math.log(n_samples)
+
+

@@ -1,0 +1,443 @@
+"""The training loop.
+
+The whole training set lives in one tensor on the training device; each epoch draws a
+seeded permutation and slices batches from it, so there is no DataLoader or per-sample
+Python work. Randomness is a function of (seed, epoch, rank): resuming from a checkpoint,
+or running under torchrun, reproduces the same shuffles and binarizations.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from . import checkpoint as ck
+from . import data as data_mod
+from . import dist
+from .config import RunConfig
+from .data import Dataset
+from .errors import CheckpointError, ConfigError, TrainingDiverged, VaelensError
+from .model import VAEModule
+
+_VAL_SEED_OFFSET = 7_919  # validation noise is seeded apart from the training stream
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced. `module` holds the best weights, in eval mode."""
+
+    module: VAEModule
+    config: RunConfig
+    history: list
+    best_epoch: int
+    best_val_loss: float
+    epochs_run: int
+    stopped_early: bool = False
+    interrupted: Optional[str] = None  # "SIGINT" / "SIGTERM" when stopped by a signal
+    run_dir: Optional[Path] = None
+    summary: dict = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device 'cuda' was asked for, but torch sees no CUDA device; use --device cpu")
+    return torch.device(name)
+
+
+def prepare(cfg: RunConfig, train: Dataset, val: Optional[Dataset] = None):
+    """Fill the config from the data (input size, image shape, standardization) and split.
+
+    Returns (cfg, X_train, X_val) with arrays already transformed and, for static
+    binarization, binarized. Validates the data against the likelihood.
+    """
+    X = train.X
+    if cfg.data.binarize != "none" and cfg.model.likelihood == "gaussian":
+        raise ConfigError("data.binarize needs a bernoulli likelihood, not gaussian")
+    if val is None and cfg.data.val_fraction > 0:
+        tr_idx, va_idx = data_mod.train_val_split(len(X), cfg.data.val_fraction, cfg.train.seed)
+        X, X_val = X[tr_idx], X[va_idx]
+    else:
+        X_val = None if val is None else val.X
+    transform = cfg.transform
+    if cfg.data.standardize:
+        if cfg.model.likelihood != "gaussian":
+            raise ConfigError("data.standardize makes values leave [0, 1]; use it with --likelihood gaussian")
+        transform = transform or data_mod.fit_transform(X)
+        X = data_mod.apply_transform(X, transform)
+        X_val = None if X_val is None else data_mod.apply_transform(X_val, transform)
+    model = cfg.model
+    if model.input_dim is None:
+        model = _replace(model, input_dim=int(X.shape[1]), image_shape=train.image_shape)
+    cfg = cfg.replace(model=model, transform=transform).validate()
+    data_mod.validate(X, cfg.model.likelihood, f"{train.name or 'training data'}", cfg.model.input_dim)
+    if X_val is not None and len(X_val):
+        data_mod.validate(X_val, cfg.model.likelihood, "validation data", cfg.model.input_dim)
+    else:
+        X_val = None
+    if cfg.data.binarize == "static":
+        X = data_mod.binarize_static(X, cfg.train.seed)
+    if cfg.data.binarize != "none" and X_val is not None:
+        # Validation uses one fixed binarization so that epochs are comparable.
+        X_val = data_mod.binarize_static(X_val, cfg.train.seed + _VAL_SEED_OFFSET)
+    return cfg, X, X_val
+
+
+def _replace(obj, **kw):
+    import dataclasses
+
+    return dataclasses.replace(obj, **kw)
+
+
+def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    return (seed * 1_000_003 + epoch * 10_007 + rank * 101) % (2**63 - 1)
+
+
+def build_optimizer(cfg: RunConfig, params, device: torch.device):
+    t = cfg.train
+    cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
+    kw = dict(lr=t.lr, weight_decay=t.weight_decay)
+    try:
+        # The fused kernel updates all parameters in one pass: several times faster per step.
+        return cls(params, fused=True, **kw)
+    except (RuntimeError, TypeError, ValueError):
+        return cls(params, **kw)
+
+
+def build_scheduler(cfg: RunConfig, opt):
+    t = cfg.train
+    if t.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t.epochs)
+    if t.schedule == "exponential":
+        return torch.optim.lr_scheduler.ExponentialLR(opt, gamma=t.lr_gamma)
+    if t.schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=t.lr_gamma if t.lr_gamma < 1 else 0.5,
+                                                          patience=max(1, (t.patience or 10) // 3))
+    return None
+
+
+class _SignalStop:
+    """Turn SIGINT/SIGTERM into a flag the loop checks between steps, so it can save first."""
+
+    def __init__(self):
+        self.name: Optional[str] = None
+        self._old = {}
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.name is not None:  # a second signal: stop now
+            signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
+            raise KeyboardInterrupt
+        self.name = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def fit(cfg: RunConfig, X: np.ndarray, X_val: Optional[np.ndarray] = None, *, run_dir: Optional[Path] = None,
+        resume: bool = False, progress: Optional[bool] = None,
+        on_epoch: Optional[Callable[[dict], None]] = None, handle_signals: bool = False,
+        checkpoint_interval_s: float = 10.0) -> TrainResult:
+    """Train a VAE on prepared arrays (see `prepare`).
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        With model.input_dim set.
+    X : ndarray of shape (n, p)
+    X_val : ndarray of shape (m, p), optional
+        For early stopping and best-checkpoint selection; without it the training loss is used.
+    run_dir : Path, optional
+        Where to write config, checkpoints and metrics (rank 0 only). None keeps everything in memory.
+    resume : bool
+        Continue from the newest readable checkpoint in `run_dir`.
+    progress : bool, optional
+        Show a progress bar; default: when stderr is a terminal.
+    on_epoch : callable, optional
+        Called with each epoch's metrics record.
+    handle_signals : bool
+        Save a checkpoint and return on SIGINT/SIGTERM instead of dying.
+    checkpoint_interval_s : float
+        Write a checkpoint at the end of an epoch once this many seconds have passed since the
+        last one (0: every epoch), and always after the last epoch. Fsyncs are not free on small data.
+    """
+    t = cfg.train
+    device = resolve_device(t.device)
+    info = dist.setup(device)
+    if device.type == "cuda" and info.distributed:
+        device = torch.device("cuda", info.local_rank)
+    torch.set_flush_denormal(True)  # denormals slow the matmuls by 20-30% once weights get small
+    writes = run_dir is not None and info.is_main
+    if run_dir is not None:
+        run_dir = Path(run_dir)
+
+    torch.manual_seed(t.seed)  # the initial weights depend on the seed alone
+    module = VAEModule(cfg.model).to(device)
+    opt = build_optimizer(cfg, module.parameters(), device)
+    sched = build_scheduler(cfg, opt)
+
+    # each rank trains on its own shard; shards are equal so every rank runs the same number of steps
+    n_all = len(X)
+    n_shard = n_all // info.world_size
+    if n_shard < 1:
+        raise ConfigError(f"{n_all} training samples cannot be shared among {info.world_size} processes")
+    shard = np.arange(info.rank, n_shard * info.world_size, info.world_size)
+    X_t = torch.as_tensor(np.ascontiguousarray(X[shard]), dtype=torch.float32, device=device)
+    Xv_t = None if X_val is None else torch.as_tensor(X_val, dtype=torch.float32, device=device)
+    local_bs = max(1, t.batch_size // info.world_size)
+    steps_per_epoch = max(1, math.ceil(n_shard / local_bs))
+
+    state = dict(epoch=0, step=0, best_val=math.inf, best_epoch=0, bad_epochs=0, sums=None)
+    history: list = []
+    best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    if resume:
+        if run_dir is None:
+            raise ConfigError("resume needs a run directory")
+        state, rng = _restore(run_dir, module, opt, sched, device)
+        torch.set_rng_state(rng)
+        history = ck.read_metrics(run_dir)
+        if writes:
+            # metric lines are numbered by completed epochs; later ones were written after this checkpoint
+            ck.truncate_metrics(run_dir, state["epoch"])
+        history = [r for r in history if r["epoch"] <= state["epoch"]]
+        best_state = {k: v.clone() for k, v in module.state_dict().items()}
+        if run_dir is not None and (run_dir / ck.WEIGHTS).exists():
+            try:
+                best_state = ck.load_tensors(run_dir / ck.WEIGHTS)
+            except CheckpointError:
+                pass
+    elif writes:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ck.save_config(run_dir, cfg)
+
+    ddp_module = module
+    if info.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ddp_module = DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+    use_bar = progress if progress is not None else sys.stderr.isatty()
+    bar = None
+    if use_bar and info.is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=t.epochs, initial=state["epoch"], desc="train", unit="epoch", dynamic_ncols=True)
+
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if t.bf16 and device.type == "cuda"
+                else _nullcontext())
+    stopped_early = False
+    interrupted = None
+    stopper = _SignalStop() if handle_signals else _nullcontext()
+    epoch = state["epoch"]
+    last_save = time.monotonic()
+    with stopper:
+        while epoch < t.epochs:
+            module.train()
+            beta = t.beta * min(1.0, (epoch + 1) / t.warmup_epochs) if t.warmup_epochs else t.beta
+            g = torch.Generator(device="cpu").manual_seed(_epoch_seed(t.seed, epoch, info.rank))
+            perm = torch.randperm(n_shard, generator=g).to(device)
+            if cfg.data.binarize == "dynamic":
+                # a fresh Bernoulli draw of every pixel each epoch (the standard MNIST protocol)
+                noise = torch.rand(X_t.shape, generator=g).to(device)
+                X_epoch = (noise < X_t).to(X_t.dtype)
+            else:
+                X_epoch = X_t
+            start_step = state["step"]
+            if start_step == 0:
+                torch.manual_seed(_epoch_seed(t.seed, epoch, info.rank) + 1)
+            sums = state["sums"] if start_step else None
+            sums = torch.zeros(4, dtype=torch.float64, device=device) if sums is None else sums.to(device)
+            kl_dim_sum = torch.zeros(cfg.model.latent_dim, dtype=torch.float64, device=device)
+            t0 = time.perf_counter()
+            for step in range(start_step, steps_per_epoch):
+                idx = perm[step * local_bs:(step + 1) * local_bs]
+                xb = X_epoch[idx]
+                with autocast:
+                    loss, terms = ddp_module(xb, objective=t.objective, iw_samples=t.iw_samples, beta=beta,
+                                             free_bits=t.free_bits)
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(_diverged_message(epoch, step, terms, "loss"))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                gnorm = torch.nn.utils.clip_grad_norm_(module.parameters(), t.grad_clip or math.inf)
+                if not torch.isfinite(gnorm):
+                    raise TrainingDiverged(_diverged_message(epoch, step, terms, "gradient"))
+                opt.step()
+                with torch.no_grad():
+                    nb = xb.shape[0]
+                    sums += torch.stack([loss.detach().double() * nb, terms.rec.detach().double().sum(),
+                                         terms.kl.detach().double().sum(),
+                                         torch.tensor(nb, dtype=torch.float64, device=device)])
+                    kl_dim_sum += terms.kl_dim.detach().double().sum(0)
+                if handle_signals and stopper.name is not None and step + 1 < steps_per_epoch:
+                    interrupted = stopper.name
+                    if writes:
+                        state.update(epoch=epoch, step=step + 1, sums=sums.cpu())
+                        ck.save_tensors(run_dir / ck.WEIGHTS, best_state)
+                        _save(run_dir, module, opt, sched, state)
+                    break
+            if interrupted:
+                break
+            state["step"] = 0
+            state["sums"] = None
+            dist.all_reduce_sum(sums)
+            dist.all_reduce_sum(kl_dim_sum)
+            n_seen = float(sums[3])
+            record = {
+                "epoch": epoch + 1,
+                "train_loss": float(sums[0] / n_seen),
+                "train_rec": float(sums[1] / n_seen),
+                "train_kl": float(sums[2] / n_seen),
+                "kl_per_dim": [float(v) for v in (kl_dim_sum / n_seen)],
+                "beta": beta,
+                "lr": opt.param_groups[0]["lr"],
+                "seconds": time.perf_counter() - t0,
+                "samples_per_s": n_seen / max(time.perf_counter() - t0, 1e-9),
+            }
+            if Xv_t is not None:
+                vt = validation_terms(module, Xv_t, seed=t.seed + _VAL_SEED_OFFSET, batch_size=max(t.batch_size, 1024))
+                record.update(val_loss=-vt["elbo"], val_rec=vt["rec"], val_kl=vt["kl"])
+            monitor = record.get("val_loss", record["train_loss"])
+            history.append(record)
+            if sched is not None:
+                sched.step(monitor) if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau) else sched.step()
+            improved = monitor < state["best_val"] - 1e-6 * abs(state["best_val"] if math.isfinite(state["best_val"]) else 0)
+            if improved:
+                state.update(best_val=monitor, best_epoch=epoch + 1, bad_epochs=0)
+                best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+            else:
+                state["bad_epochs"] += 1
+            epoch += 1
+            state["epoch"] = epoch
+            finishing = (epoch >= t.epochs or (t.patience is not None and state["bad_epochs"] >= t.patience)
+                         or (handle_signals and stopper.name is not None))
+            if writes:
+                ck.append_metrics(run_dir, record)
+                if finishing or time.monotonic() - last_save >= checkpoint_interval_s:
+                    ck.save_tensors(run_dir / ck.WEIGHTS, best_state)
+                    _save(run_dir, module, opt, sched, state)
+                    last_save = time.monotonic()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['train_loss']:.3f}", rec=f"{record['train_rec']:.3f}",
+                                kl=f"{record['train_kl']:.3f}",
+                                **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
+            if on_epoch is not None and info.is_main:
+                on_epoch(record)
+            if t.patience is not None and state["bad_epochs"] >= t.patience:
+                stopped_early = True
+                break
+            if handle_signals and stopper.name is not None:
+                interrupted = stopper.name
+                break
+    if bar is not None:
+        bar.close()
+
+    module.load_state_dict(best_state)
+    module.eval()
+    last = history[-1] if history else {}
+    summary = {
+        "epochs_run": epoch,
+        "best_epoch": state["best_epoch"],
+        "best_val_loss" if X_val is not None else "best_train_loss": state["best_val"],
+        "final": {k: v for k, v in last.items() if k != "kl_per_dim"},
+        "stopped_early": stopped_early,
+        "interrupted": interrupted,
+        "world_size": info.world_size,
+        "device": str(device),
+    }
+    if writes and interrupted is None:
+        if not (run_dir / ck.WEIGHTS).exists():
+            ck.save_tensors(run_dir / ck.WEIGHTS, best_state)
+        ck.write_summary(run_dir, summary)
+    dist.barrier()
+    return TrainResult(module=module, config=cfg, history=history, best_epoch=state["best_epoch"],
+                       best_val_loss=state["best_val"], epochs_run=epoch, stopped_early=stopped_early,
+                       interrupted=interrupted, run_dir=run_dir, summary=summary)
+
+
+def _save(run_dir, module, opt, sched, state):
+    trainer = {k: v for k, v in state.items() if k != "sums"}
+    trainer["sums"] = None if state.get("sums") is None else [float(v) for v in state["sums"]]
+    ck.save_checkpoint(run_dir, module, opt, sched, trainer, torch.get_rng_state())
+
+
+def _restore(run_dir: Path, module, opt, sched, device):
+    """Load the newest checkpoint that reads cleanly; fall back to older ones, naming what failed."""
+    problems = []
+    for folder in ck.checkpoint_candidates(run_dir):
+        try:
+            weights, opt_state, meta, rng = ck.load_checkpoint(folder)
+            module.load_state_dict(weights)
+            opt.load_state_dict(opt_state)
+            if sched is not None and meta.get("scheduler") is not None:
+                sched.load_state_dict(meta["scheduler"])
+        except (CheckpointError, KeyError, ValueError, RuntimeError) as e:
+            problems.append(f"{folder.name}: {e}")
+            continue
+        if problems:
+            import warnings
+
+            warnings.warn("skipped damaged checkpoint(s): " + "; ".join(problems) + f"; resuming from {folder.name}")
+        sums = meta.get("sums")
+        state = dict(epoch=meta["epoch"], step=meta["step"], best_val=meta["best_val"], best_epoch=meta["best_epoch"],
+                     bad_epochs=meta["bad_epochs"],
+                     sums=None if sums is None else torch.tensor(sums, dtype=torch.float64))
+        return state, rng
+    detail = ("; ".join(problems)) if problems else "there are none"
+    raise CheckpointError(f"{run_dir}: no usable checkpoint to resume from ({detail})")
+
+
+def _diverged_message(epoch: int, step: int, terms, what: str) -> str:
+    bad = []
+    for name, v in (("reconstruction", terms.rec), ("KL", terms.kl)):
+        if not torch.isfinite(v).all():
+            bad.append(name)
+    term = " and ".join(bad) if bad else "the loss"
+    return (f"training diverged at epoch {epoch + 1}, step {step + 1}: the {what} became non-finite "
+            f"({term} term). The last good checkpoint is kept. Try a lower learning rate (--lr), gradient "
+            f"clipping (--grad-clip 1.0), a larger sigma floor, or standardizing the data (--standardize).")
+
+
+@torch.inference_mode()
+def validation_terms(module: VAEModule, X: torch.Tensor, seed: int, batch_size: int = 1024) -> dict:
+    """Mean ELBO terms on X with noise seeded apart from the training stream (eval mode)."""
+    was_training = module.training
+    module.eval()
+    devices = [X.device] if X.device.type == "cuda" else []
+    tot = torch.zeros(3, dtype=torch.float64, device=X.device)
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        for i in range(0, len(X), batch_size):
+            tm = module.terms(X[i:i + batch_size])
+            tot += torch.stack([tm.elbo.double().sum(), tm.rec.double().sum(), tm.kl.double().sum()])
+    module.train(was_training)
+    n = len(X)
+    return {"elbo": float(tot[0] / n), "rec": float(tot[1] / n), "kl": float(tot[2] / n)}
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+    name = None
