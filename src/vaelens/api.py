@@ -20,6 +20,9 @@ from . import data as data_mod
 from .config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from .data import Dataset
 from .errors import ConfigError, DataError, VaelensError
+from .evaluate import Evaluation
+from .evaluate import evaluate as _evaluate
+from .evaluate import iwae_log_likelihood as _iwae_log_likelihood
 from .model import VAEModule
 from .train import fit as _fit
 from .train import prepare as _prepare
@@ -219,6 +222,79 @@ class VAE:
             for i in range(0, len(Xt), batch_size):
                 out.append(self.module_.terms(Xt[i:i + batch_size], n_samples=n_samples).elbo)
         return torch.cat(out).double().cpu().numpy()
+
+    def log_likelihood(self, X: ArrayLike, k: int = 5000, seed: Optional[int] = 0, batch_size: Optional[int] = None,
+                       chunk_size: Optional[int] = None, progress: bool = False) -> np.ndarray:
+        """Per-sample IWAE estimate of log p(x) in nats with `k` importance samples, shape (n,).
+
+        In the model's units: for a standardized run, log p of the standardized data. Binary
+        data (a binarized run) should be binarized before the call.
+        """
+        return _iwae_log_likelihood(self.module_, self._tensor(X), k, chunk_size=chunk_size, batch_size=batch_size,
+                                    progress=progress, seed=seed)
+
+    def evaluate(self, X: ArrayLike, iw_samples: int = 5000, seed: Optional[int] = 0, progress: bool = False,
+                 **kwargs) -> Evaluation:
+        """ELBO terms, IWAE log-likelihood, active units, I(x; z) and KL(q(z) || p(z)) on X.
+
+        Returns a `vaelens.evaluate.Evaluation`; ``to_dict()`` gives its JSON summary. Other keyword
+        arguments go to `vaelens.evaluate.evaluate` (``elbo_samples``, ``aggregate_draws`` ...).
+        """
+        return _evaluate(self.module_, self._tensor(X), iw_samples, seed=seed, progress=progress, **kwargs)
+
+    # --- what mu(x) and sigma(x) are ------------------------------------------------------
+    def check(self, X: ArrayLike, indices: Optional[Sequence[int]] = None, n: int = 10, n_samples: int = 2000,
+              level: float = 0.01, seed: int = 0, mu: Optional[np.ndarray] = None,
+              sigma: Optional[np.ndarray] = None):
+        """Point-cloud check: do S reparameterized draws for each chosen x follow N(mu(x), sigma(x)^2)?
+
+        Parameters
+        ----------
+        X : array-like of shape (m, p)
+        indices : sequence of int, optional
+            Rows of X to check; default `n` rows chosen at random with `seed`.
+        n_samples, level, seed
+            Draws per sample, overall significance level, seed.
+        mu, sigma : ndarray of shape (k, d), optional
+            A claimed posterior to test instead of the encoder's (a wrong claim fails).
+
+        Returns
+        -------
+        vaelens.posterior.PointCloudCheck
+        """
+        from .posterior import point_cloud_check
+
+        Xt = self._tensor(X)
+        if indices is None:
+            if n < 1:
+                raise ConfigError(f"n must be >= 1, got {n}")
+            indices = np.sort(np.random.default_rng(seed).choice(len(Xt), size=min(n, len(Xt)), replace=False))
+        return point_cloud_check(self.module_, Xt, indices, n_samples=n_samples, seed=seed, level=level,
+                                 mu=mu, sigma=sigma)
+
+    def aggregate_posterior(self, X: ArrayLike):
+        """The data set's latent distribution q(z) = mean_x q(z|x): mean, covariance and variance split.
+
+        Returns
+        -------
+        vaelens.posterior.AggregatePosterior
+        """
+        from .posterior import aggregate_posterior
+
+        post = self.encode(X)
+        return aggregate_posterior(post.mu, post.sigma)
+
+    def symmetry(self, X: ArrayLike, seed: int = 0, n_rotations: int = 3, n_samples: int = 16):
+        """ELBO under a random signed permutation (unchanged) and random rotations (lower) of the latents.
+
+        Returns
+        -------
+        vaelens.uniqueness.SymmetryReport
+        """
+        from .uniqueness import symmetry_report
+
+        return symmetry_report(self.module_, self._tensor(X), seed=seed, n_rotations=n_rotations,
+                               n_samples=n_samples)
 
     # --- persistence -----------------------------------------------------------------------
     def save(self, path: Union[str, Path], overwrite: bool = False) -> Path:

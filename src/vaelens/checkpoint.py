@@ -7,8 +7,10 @@ Layout::
     RUN/metrics.jsonl          one JSON line per epoch
     RUN/summary.json           final figures
     RUN/checksums.json         SHA-256 of the files above
-    RUN/checkpoints/ckpt-EEEEEE-SSSSSS/{model,trainer}.safetensors, trainer.json, checksums.json
+    RUN/checkpoints/ckpt-EEEEEE-SSSSSS/{model,best,trainer}.safetensors, trainer.json, checksums.json
     RUN/checkpoints/LATEST     name of the newest complete checkpoint
+
+EEEEEE counts completed epochs and SSSSSS the steps done in the next one (0 at an epoch end).
 
 Weights and tensors go through safetensors, everything else through JSON, so loading a run
 never unpickles anything. Every file is written to a temporary name, fsynced and renamed,
@@ -41,6 +43,10 @@ CHECKSUMS = "checksums.json"
 CKPT_DIR = "checkpoints"
 LATEST = "LATEST"
 KEEP_CHECKPOINTS = 2  # the newest and one before it, to fall back on if the newest is damaged
+BEST = "best.safetensors"
+TRAINER_TENSORS = "trainer.safetensors"
+TRAINER_META = "trainer.json"
+CKPT_FILES = (WEIGHTS, BEST, TRAINER_TENSORS, TRAINER_META)
 
 
 # --- atomic writes ----------------------------------------------------------------------------
@@ -94,16 +100,46 @@ def write_checksums(folder: Path, names) -> None:
     atomic_write_text(folder / CHECKSUMS, json.dumps(sums, indent=1, sort_keys=True) + "\n")
 
 
+def _read_sums(folder: Path) -> Optional[dict]:
+    cpath = Path(folder) / CHECKSUMS
+    if not cpath.exists():
+        return None
+    try:
+        sums = json.loads(cpath.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{cpath}: unreadable ({_one_line(e)})") from None
+    if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
+        raise CheckpointError(f"{cpath}: expected a JSON object of file name -> SHA-256")
+    return sums
+
+
+def write_tracked(folder: Path, name: str, write) -> None:
+    """Rewrite a file listed in the folder's checksums.json, keeping the list true at every moment.
+
+    The entry is dropped before `write()` and added back after it, so a crash in between leaves
+    an unlisted (unverified) file rather than one that fails its checksum.
+    """
+    folder = Path(folder)
+    sums = _read_sums(folder)
+    if sums is None or name not in sums:
+        write()
+        if sums is not None:
+            atomic_write_text(folder / CHECKSUMS, json.dumps(dict(sums, **{name: sha256(folder / name)}),
+                                                             indent=1, sort_keys=True) + "\n")
+        return
+    rest = {k: v for k, v in sums.items() if k != name}
+    atomic_write_text(folder / CHECKSUMS, json.dumps(rest, indent=1, sort_keys=True) + "\n")
+    write()
+    rest[name] = sha256(folder / name)
+    atomic_write_text(folder / CHECKSUMS, json.dumps(rest, indent=1, sort_keys=True) + "\n")
+
+
 def verify_checksums(folder: Path, names) -> None:
     """Raise `CheckpointError` naming the first listed file that is missing or altered."""
     folder = Path(folder)
-    cpath = folder / CHECKSUMS
-    if not cpath.exists():
+    sums = _read_sums(folder)
+    if sums is None:
         return  # runs written without checksums (or by hand) are still readable
-    try:
-        sums = json.loads(cpath.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{cpath}: unreadable ({e})") from None
     for n in names:
         p = folder / n
         if n in sums:
@@ -128,7 +164,12 @@ def load_tensors(path: Path) -> Dict[str, torch.Tensor]:
     try:
         return st_load(path.read_bytes())
     except Exception as e:  # safetensors raises several error types for damaged files
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e}); it may be truncated or altered") from None
+        raise CheckpointError(f"{path}: not a readable safetensors file ({_one_line(e)}); it may be truncated, "
+                              f"altered or in another format (vaelens never unpickles weights)") from None
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def load_state_into(module: torch.nn.Module, path: Path) -> None:
@@ -149,7 +190,7 @@ def load_state_into(module: torch.nn.Module, path: Path) -> None:
 # --- config -----------------------------------------------------------------------------------
 
 def save_config(run_dir: Path, cfg: RunConfig) -> None:
-    atomic_write_text(Path(run_dir) / CONFIG, cfg.to_json())
+    write_tracked(Path(run_dir), CONFIG, lambda: atomic_write_text(Path(run_dir) / CONFIG, cfg.to_json()))
 
 
 def load_config(run_dir: Path) -> RunConfig:
@@ -160,9 +201,17 @@ def load_config(run_dir: Path) -> RunConfig:
     if not path.exists():
         raise CheckpointError(f"{path}: missing; is {run_dir} a vaelens run directory?")
     try:
-        return RunConfig.from_json(path.read_text(), source=str(path))
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
+    try:
+        return RunConfig.from_dict(d, source="config")
     except ConfigError as e:
-        raise CheckpointError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from None
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 # --- trainer checkpoints ----------------------------------------------------------------------
@@ -189,24 +238,45 @@ def _optimizer_from_flat(tensors: Dict[str, torch.Tensor], plain: dict) -> dict:
 
 
 def save_checkpoint(run_dir: Path, module: torch.nn.Module, optimizer, scheduler, trainer: dict,
-                    rng_state: torch.Tensor) -> Path:
-    """Write a complete checkpoint folder, then point LATEST at it; prune older ones."""
+                    rng_state: torch.Tensor, best: Optional[Dict[str, torch.Tensor]] = None,
+                    extra_tensors: Optional[Dict[str, torch.Tensor]] = None) -> Path:
+    """Write a complete checkpoint folder, then point LATEST at it; prune older ones.
+
+    `best` is the best-so-far weights, kept with the checkpoint so that resuming from any
+    checkpoint (including an older one after a damaged newest) restores a consistent pair.
+    On a failed write the half-written folder is removed and LATEST still names the previous one.
+    """
     ck_root = Path(run_dir) / CKPT_DIR
-    ck_root.mkdir(parents=True, exist_ok=True)
     name = f"ckpt-{trainer['epoch']:06d}-{trainer['step']:06d}"
     folder = ck_root / name
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir()
-    save_tensors(folder / WEIGHTS, module.state_dict())
-    opt_tensors, opt_plain = _optimizer_to_flat(optimizer.state_dict())
-    save_tensors(folder / "trainer.safetensors", {**opt_tensors, "rng.torch": rng_state})
-    meta = dict(trainer, optimizer=opt_plain, scheduler=scheduler.state_dict() if scheduler is not None else None)
-    atomic_write_text(folder / "trainer.json", json.dumps(meta, indent=1, sort_keys=True) + "\n")
-    write_checksums(folder, [WEIGHTS, "trainer.safetensors", "trainer.json"])
-    atomic_write_text(ck_root / LATEST, name + "\n")
-    for old in sorted(p for p in ck_root.glob("ckpt-*") if p.is_dir() and p.name != name)[:-(KEEP_CHECKPOINTS - 1) or None]:
+    try:
+        ck_root.mkdir(parents=True, exist_ok=True)
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir()
+    except OSError as e:
+        raise CheckpointError(f"{folder}: could not create the checkpoint folder ({e.strerror or e})") from None
+    try:
+        save_tensors(folder / WEIGHTS, module.state_dict())
+        if best is not None:
+            save_tensors(folder / BEST, best)
+        opt_tensors, opt_plain = _optimizer_to_flat(optimizer.state_dict())
+        save_tensors(folder / TRAINER_TENSORS, {**opt_tensors, **(extra_tensors or {}), "rng.torch": rng_state})
+        meta = dict(trainer, optimizer=opt_plain, scheduler=scheduler.state_dict() if scheduler is not None else None)
+        atomic_write_text(folder / TRAINER_META, json.dumps(meta, indent=1, sort_keys=True) + "\n")
+        write_checksums(folder, CKPT_FILES)
+        atomic_write_text(ck_root / LATEST, name + "\n")
+    except BaseException:
+        latest = ck_root / LATEST
+        if not (latest.exists() and latest.read_text().strip() == name):
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    complete = sorted(p for p in ck_root.glob("ckpt-*") if p.is_dir() and p.name != name and (p / CHECKSUMS).exists())
+    for old in complete[:len(complete) - (KEEP_CHECKPOINTS - 1)]:
         shutil.rmtree(old, ignore_errors=True)
+    for partial in ck_root.glob("ckpt-*"):
+        if partial.is_dir() and partial.name != name and not (partial / CHECKSUMS).exists():
+            shutil.rmtree(partial, ignore_errors=True)  # left by a crash mid-write
     return folder
 
 
@@ -217,47 +287,98 @@ def checkpoint_candidates(run_dir: Path):
         return []
     folders = sorted((p for p in ck_root.glob("ckpt-*") if p.is_dir()), reverse=True)
     latest = ck_root / LATEST
-    if latest.exists():
-        name = latest.read_text().strip()
+    try:
+        name = latest.read_text().strip() if latest.exists() else None
+    except (OSError, UnicodeDecodeError):
+        name = None  # a damaged pointer: the folder names still order the checkpoints
+    if name:
         folders.sort(key=lambda p: p.name != name)
     return folders
 
 
-def load_checkpoint(folder: Path):
-    """Read a checkpoint folder: (weights, optimizer state dict, trainer dict, rng state)."""
+def quarantine(folder: Path) -> Optional[Path]:
+    """Rename a damaged checkpoint folder to damaged-<name> so it is kept for inspection but never loaded."""
     folder = Path(folder)
-    verify_checksums(folder, [WEIGHTS, "trainer.safetensors", "trainer.json"])
-    weights = load_tensors(folder / WEIGHTS)
-    tensors = load_tensors(folder / "trainer.safetensors")
+    target = folder.with_name("damaged-" + folder.name)
     try:
-        meta = json.loads((folder / "trainer.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{folder / 'trainer.json'}: unreadable ({e})") from None
-    opt = _optimizer_from_flat(tensors, meta.pop("optimizer"))
-    return weights, opt, meta, tensors["rng.torch"]
+        if target.exists():
+            shutil.rmtree(target)
+        folder.rename(target)
+        return target
+    except OSError:
+        return None
+
+
+_TRAINER_KEYS = ("epoch", "step", "best_val", "best_epoch", "bad_epochs", "optimizer")
+
+
+def load_checkpoint(folder: Path):
+    """Read a checkpoint folder: (weights, optimizer state dict, trainer dict, trainer tensors).
+
+    The trainer tensors hold the optimizer state, ``rng.torch`` and any extra tensors saved
+    with the checkpoint; `best` weights, when the checkpoint has them, are in ``meta["best"]``.
+    """
+    folder = Path(folder)
+    if not (folder / CHECKSUMS).exists():
+        raise CheckpointError(f"{folder / CHECKSUMS}: missing; the checkpoint was not completely written")
+    verify_checksums(folder, CKPT_FILES)
+    weights = load_tensors(folder / WEIGHTS)
+    tensors = load_tensors(folder / TRAINER_TENSORS)
+    meta_path = folder / TRAINER_META
+    if not meta_path.exists():
+        raise CheckpointError(f"{meta_path}: missing")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{meta_path}: unreadable ({_one_line(e)})") from None
+    if not isinstance(meta, dict) or any(k not in meta for k in _TRAINER_KEYS):
+        missing = [k for k in _TRAINER_KEYS if not isinstance(meta, dict) or k not in meta]
+        raise CheckpointError(f"{meta_path}: not a vaelens trainer state (missing {', '.join(missing)})")
+    if "rng.torch" not in tensors:
+        raise CheckpointError(f"{folder / TRAINER_TENSORS}: has no random-number state (rng.torch)")
+    try:
+        opt = _optimizer_from_flat(tensors, meta.pop("optimizer"))
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{meta_path}: malformed optimizer state ({_one_line(e)})") from None
+    meta["best"] = load_tensors(folder / BEST) if (folder / BEST).exists() else None
+    return weights, opt, meta, tensors
 
 
 # --- metrics ----------------------------------------------------------------------------------
 
 def append_metrics(run_dir: Path, record: dict) -> None:
-    with open(Path(run_dir) / METRICS, "a") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    path = Path(run_dir) / METRICS
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise CheckpointError(f"{path}: could not write ({e.strerror or e})") from None
 
 
 def read_metrics(run_dir: Path) -> list:
+    """Metric records, one per epoch. A last line without its newline was cut off by a crash and is skipped."""
     path = Path(run_dir) / METRICS
     if not path.exists():
         return []
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable ({_one_line(e)})") from None
+    lines = text.split("\n")
+    lines.pop()  # "" when the file ends with a newline, else the torn tail
     out = []
-    for i, line in enumerate(path.read_text().splitlines()):
+    for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            out.append(json.loads(line))
+            rec = json.loads(line)
         except json.JSONDecodeError:
             raise CheckpointError(f"{path}: line {i + 1} is not valid JSON") from None
+        if not isinstance(rec, dict):
+            raise CheckpointError(f"{path}: line {i + 1} is not a JSON object")
+        out.append(rec)
     return out
 
 
@@ -274,14 +395,19 @@ def write_summary(run_dir: Path, summary: dict) -> None:
     write_checksums(Path(run_dir), [CONFIG, WEIGHTS, SUMMARY])
 
 
+def save_run_weights(run_dir: Path, tensors: Dict[str, torch.Tensor]) -> None:
+    """(Re)write RUN/model.safetensors, keeping RUN/checksums.json consistent with it."""
+    write_tracked(Path(run_dir), WEIGHTS, lambda: save_tensors(Path(run_dir) / WEIGHTS, tensors))
+
+
 def read_summary(run_dir: Path) -> dict:
     path = Path(run_dir) / SUMMARY
     if not path.exists():
         return {}
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({_one_line(e)})") from None
 
 
 def load_model(run_dir: Path, map_location: str = "cpu"):

@@ -301,10 +301,17 @@ def load_file(path, key: Optional[str] = None, columns: Optional[Sequence[str]] 
 def _load_npy(path: Path) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False)
-    except ValueError as e:
-        raise DataError(f"{path}: cannot read as .npy without unpickling ({e})") from None
-    except Exception as e:
-        raise DataError(f"{path}: not a readable .npy file ({e})") from None
+    except Exception as e:  # numpy raises ValueError, OSError, EOFError ... for damaged files
+        raise DataError(f"{path}: {_load_problem(e, '.npy')}") from None
+
+
+def _load_problem(e: Exception, kind: str) -> str:
+    """One line on why numpy could not load a file; pickled (object) arrays are refused, never unpickled."""
+    msg = " ".join(str(e).split()) or type(e).__name__
+    if "allow_pickle" in msg or "pickle" in msg.lower():
+        return (f"holds a pickled (object) array, which cannot be read without unpickling; vaelens refuses "
+                f"because unpickling can run code. Save plain numbers (e.g. X.astype('float32'))")
+    return f"not a readable {kind} file ({msg})"
 
 
 def _load_npz(path: Path, key: Optional[str], label_key: Optional[str]) -> Dataset:
@@ -312,7 +319,9 @@ def _load_npz(path: Path, key: Optional[str], label_key: Optional[str]) -> Datas
         z = np.load(path, allow_pickle=False)
         keys = list(z.keys())
     except Exception as e:
-        raise DataError(f"{path}: not a readable .npz file ({e})") from None
+        raise DataError(f"{path}: {_load_problem(e, '.npz')}") from None
+    if label_key is None and key != "y" and "y" in keys:
+        label_key = "y"  # the usual name for labels beside the features
     if key is None:
         rest = [k for k in keys if k != label_key]
         preferred = [k for k in ("X", "x", "data") if k in rest]
@@ -326,15 +335,16 @@ def _load_npz(path: Path, key: Optional[str], label_key: Optional[str]) -> Datas
         raise DataError(f"{path}: no array named {key!r}; it holds {', '.join(keys) or '(none)'}")
     try:
         arr = z[key]
-    except ValueError as e:
-        raise DataError(f"{path}[{key}]: cannot read without unpickling ({e})") from None
+    except Exception as e:
+        raise DataError(f"{path}[{key}]: {_load_problem(e, '.npz member')}") from None
     ds = _from_array(arr, f"{path}[{key}]")
-    if label_key is None and "y" in keys and key != "y":
-        label_key = "y"
     if label_key is not None:
         if label_key not in keys:
             raise DataError(f"{path}: no label array named {label_key!r}; it holds {', '.join(keys)}")
-        y = np.asarray(z[label_key]).reshape(-1)
+        try:
+            y = np.asarray(z[label_key]).reshape(-1)
+        except Exception as e:
+            raise DataError(f"{path}[{label_key}]: {_load_problem(e, '.npz member')}") from None
         if len(y) != ds.n:
             raise DataError(f"{path}: labels {label_key!r} have {len(y)} entries for {ds.n} samples")
         ds.y, ds.label_names = _encode_labels(y)
@@ -345,6 +355,8 @@ def _from_array(arr: np.ndarray, where: str) -> Dataset:
     arr = np.asarray(arr)
     if arr.dtype.kind not in "biuf":
         raise DataError(f"{where}: expected numbers, got dtype {arr.dtype}")
+    if arr.size == 0:
+        raise DataError(f"{where}: no data (shape {arr.shape})")
     image_shape = None
     if arr.ndim == 4 and arr.shape[1] == 1:
         arr = arr[:, 0]
@@ -359,23 +371,26 @@ def _from_array(arr: np.ndarray, where: str) -> Dataset:
     if arr.dtype == np.uint8:
         arr = arr.astype(np.float32) / 255.0
         notes.append("uint8 values scaled to [0, 1]")
+    check_finite(arr, where)
     with np.errstate(over="ignore"):
         X = arr.astype(np.float32)
-    ds = Dataset(X=X, image_shape=image_shape, name=where, notes=notes)
-    check_finite(X, where, original=arr)
-    return ds
+    check_finite(X, where, what="values too large for float32 (|x| > 3.4e38)")
+    return Dataset(X=X, image_shape=image_shape, name=where, notes=notes)
 
 
 def _load_csv(path: Path, columns: Optional[Sequence[str]], label_column: Optional[str]) -> Dataset:
     delim = "\t" if path.suffix.lower() == ".tsv" else ","
     opener = gzip.open if path.name.endswith(".gz") else open
     try:
-        with opener(path, "rt", newline="", encoding="utf-8") as f:
+        # utf-8-sig: spreadsheet exports often start with a byte-order mark, which would make a header of line 1
+        with opener(path, "rt", newline="", encoding="utf-8-sig") as f:
             rows = list(csv.reader(f, delimiter=delim))
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
     except csv.Error as e:
-        raise DataError(f"{path}: malformed CSV ({e})") from None
+        raise DataError(f"{path}: malformed CSV ({' '.join(str(e).split())})") from None
+    except (OSError, EOFError) as e:  # a damaged .csv.gz
+        raise DataError(f"{path}: cannot be read ({' '.join(str(e).split()) or type(e).__name__})") from None
     # (file line number, cells) for non-blank lines
     lines = [(i + 1, r) for i, r in enumerate(rows) if any(c.strip() for c in r)]
     if not lines:
@@ -425,7 +440,9 @@ def _load_csv(path: Path, columns: Optional[Sequence[str]], label_column: Option
         )
     names = [header[i] for i in feat_idx]
     check_finite(X, str(path), feature_names=names, row_offset=body[0][0])
-    ds = Dataset(X=X.astype(np.float32), name=str(path), feature_names=names if has_header else None)
+    with np.errstate(over="ignore"):
+        X32 = X.astype(np.float32)
+    ds = Dataset(X=X32, name=str(path), feature_names=names if has_header else None)
     check_finite(ds.X, str(path), feature_names=names, row_offset=body[0][0], what="values too large for float32")
     if label_idx is not None:
         ds.y, ds.label_names = _encode_labels(np.array([r[label_idx].strip() for _, r in body]))
@@ -461,7 +478,10 @@ def _load_parquet(path: Path, columns: Optional[Sequence[str]], label_column: Op
         raise DataError(f"{path}: empty table")
     X = np.stack(cols, axis=1)
     check_finite(X, str(path), feature_names=names, row_offset=0, row_word="row")
-    ds = Dataset(X=X.astype(np.float32), name=str(path), feature_names=names)
+    with np.errstate(over="ignore"):
+        X32 = X.astype(np.float32)
+    check_finite(X32, str(path), feature_names=names, row_offset=0, row_word="row", what="values too large for float32")
+    ds = Dataset(X=X32, name=str(path), feature_names=names)
     if label_column is not None:
         ds.y, ds.label_names = _encode_labels(table.column(label_column).to_numpy(zero_copy_only=False))
     return ds

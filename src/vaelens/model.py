@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributions import Bernoulli, ContinuousBernoulli, Distribution, Normal, kl_divergence
+from torch.distributions import Bernoulli, ContinuousBernoulli, Distribution, Normal
 
 from .config import ModelConfig
 from .errors import ConfigError
@@ -123,6 +123,18 @@ class Decoder(nn.Module):
         return Normal(out, scale.expand_as(out), validate_args=False)
 
 
+def kl_normal(q: Normal, p: Normal) -> torch.Tensor:
+    """KL(q || p) between diagonal Normals, elementwise (broadcast batch shape).
+
+    torch's version takes log((sigma_q / sigma_p)^2), which is log(inf) = inf and then
+    inf - inf = NaN once sigma_q passes ~1e19 (extreme inputs); subtracting the logs of the
+    scales keeps the result +inf there, never NaN, and equal to it elsewhere up to rounding.
+    """
+    r = q.scale / p.scale
+    t = (q.loc - p.loc) / p.scale
+    return 0.5 * (r.square() + t.square() - 1) - (q.scale.log() - p.scale.log())
+
+
 @dataclass
 class Terms:
     """Per-sample loss terms, all shape (n,) except `kl_dim` (n, d)."""
@@ -165,7 +177,7 @@ class VAEModule(nn.Module):
         z = qz.rsample((n_samples,))                                         # (S, n, d)
         px = self.decoder(z)                                                 # batch (S, n, p)
         rec = px.log_prob(target).sum(-1).mean(0)                            # (n,)
-        kl_dim = kl_divergence(qz, self.prior())                             # (n, d)
+        kl_dim = kl_normal(qz, self.prior())                                 # (n, d)
         kl = kl_dim.sum(-1)                                                  # (n,)
         return Terms(rec=rec, kl=kl, kl_dim=kl_dim, elbo=rec - kl)
 
@@ -182,7 +194,7 @@ class VAEModule(nn.Module):
             lw, qz, log_px = self._log_weights(x, iw_samples, target)       # (K, n), batch (n, d), (K, n)
             bound = torch.logsumexp(lw, 0) - math.log(iw_samples)            # (n,)
             with torch.no_grad():
-                kl_dim = kl_divergence(qz, self.prior())                     # (n, d)
+                kl_dim = kl_normal(qz, self.prior())                         # (n, d)
                 rec = log_px.mean(0)
                 terms = Terms(rec=rec, kl=kl_dim.sum(-1), kl_dim=kl_dim, elbo=rec - kl_dim.sum(-1))
             return -bound.mean(), terms

@@ -183,7 +183,6 @@ def fit(cfg: RunConfig, X: np.ndarray, X_val: Optional[np.ndarray] = None, *, ru
     info = dist.setup(device)
     if device.type == "cuda" and info.distributed:
         device = torch.device("cuda", info.local_rank)
-    torch.set_flush_denormal(True)  # denormals slow the matmuls by 20-30% once weights get small
     writes = run_dir is not None and info.is_main
     if run_dir is not None:
         run_dir = Path(run_dir)
@@ -204,21 +203,23 @@ def fit(cfg: RunConfig, X: np.ndarray, X_val: Optional[np.ndarray] = None, *, ru
     local_bs = max(1, t.batch_size // info.world_size)
     steps_per_epoch = max(1, math.ceil(n_shard / local_bs))
 
-    state = dict(epoch=0, step=0, best_val=math.inf, best_epoch=0, bad_epochs=0, sums=None)
+    state = dict(epoch=0, step=0, best_val=math.inf, best_epoch=0, bad_epochs=0, sums=None, kl_dim_sum=None)
     history: list = []
     best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
     if resume:
         if run_dir is None:
             raise ConfigError("resume needs a run directory")
-        state, rng = _restore(run_dir, module, opt, sched, device)
+        state, rng, best = _restore(run_dir, module, opt, sched, device, quarantine=writes)
         torch.set_rng_state(rng)
         history = ck.read_metrics(run_dir)
         if writes:
             # metric lines are numbered by completed epochs; later ones were written after this checkpoint
             ck.truncate_metrics(run_dir, state["epoch"])
-        history = [r for r in history if r["epoch"] <= state["epoch"]]
+        history = [r for r in history if r.get("epoch", 0) <= state["epoch"]]
         best_state = {k: v.clone() for k, v in module.state_dict().items()}
-        if run_dir is not None and (run_dir / ck.WEIGHTS).exists():
+        if best is not None:
+            best_state = {k: v.to(device) for k, v in best.items()}
+        elif (run_dir / ck.WEIGHTS).exists():  # checkpoints written before best.safetensors existed
             try:
                 best_state = ck.load_tensors(run_dir / ck.WEIGHTS)
             except CheckpointError:
@@ -247,7 +248,7 @@ def fit(cfg: RunConfig, X: np.ndarray, X_val: Optional[np.ndarray] = None, *, ru
     stopper = _SignalStop() if handle_signals else _nullcontext()
     epoch = state["epoch"]
     last_save = time.monotonic()
-    with stopper:
+    with stopper, _FlushDenormals():
         while epoch < t.epochs:
             module.train()
             beta = t.beta * min(1.0, (epoch + 1) / t.warmup_epochs) if t.warmup_epochs else t.beta
@@ -264,7 +265,9 @@ def fit(cfg: RunConfig, X: np.ndarray, X_val: Optional[np.ndarray] = None, *, ru
                 torch.manual_seed(_epoch_seed(t.seed, epoch, info.rank) + 1)
             sums = state["sums"] if start_step else None
             sums = torch.zeros(4, dtype=torch.float64, device=device) if sums is None else sums.to(device)
-            kl_dim_sum = torch.zeros(cfg.model.latent_dim, dtype=torch.float64, device=device)
+            kl_dim_sum = state["kl_dim_sum"] if start_step else None
+            kl_dim_sum = (torch.zeros(cfg.model.latent_dim, dtype=torch.float64, device=device) if kl_dim_sum is None
+                          else kl_dim_sum.to(device))
             t0 = time.perf_counter()
             for step in range(start_step, steps_per_epoch):
                 idx = perm[step * local_bs:(step + 1) * local_bs]
@@ -273,12 +276,12 @@ def fit(cfg: RunConfig, X: np.ndarray, X_val: Optional[np.ndarray] = None, *, ru
                     loss, terms = ddp_module(xb, objective=t.objective, iw_samples=t.iw_samples, beta=beta,
                                              free_bits=t.free_bits)
                 if not torch.isfinite(loss):
-                    raise TrainingDiverged(_diverged_message(epoch, step, terms, "loss"))
+                    raise TrainingDiverged(_diverged_message(epoch, step, terms, "loss", run_dir if writes else None))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 gnorm = torch.nn.utils.clip_grad_norm_(module.parameters(), t.grad_clip or math.inf)
                 if not torch.isfinite(gnorm):
-                    raise TrainingDiverged(_diverged_message(epoch, step, terms, "gradient"))
+                    raise TrainingDiverged(_diverged_message(epoch, step, terms, "gradient", run_dir if writes else None))
                 opt.step()
                 with torch.no_grad():
                     nb = xb.shape[0]
@@ -289,14 +292,12 @@ def fit(cfg: RunConfig, X: np.ndarray, X_val: Optional[np.ndarray] = None, *, ru
                 if handle_signals and stopper.name is not None and step + 1 < steps_per_epoch:
                     interrupted = stopper.name
                     if writes:
-                        state.update(epoch=epoch, step=step + 1, sums=sums.cpu())
-                        ck.save_tensors(run_dir / ck.WEIGHTS, best_state)
-                        _save(run_dir, module, opt, sched, state)
+                        state.update(epoch=epoch, step=step + 1, sums=sums.cpu(), kl_dim_sum=kl_dim_sum.cpu())
+                        _save(run_dir, module, opt, sched, state, best_state)
                     break
             if interrupted:
                 break
-            state["step"] = 0
-            state["sums"] = None
+            state.update(step=0, sums=None, kl_dim_sum=None)
             dist.all_reduce_sum(sums)
             dist.all_reduce_sum(kl_dim_sum)
             n_seen = float(sums[3])
@@ -328,12 +329,12 @@ def fit(cfg: RunConfig, X: np.ndarray, X_val: Optional[np.ndarray] = None, *, ru
             state["epoch"] = epoch
             finishing = (epoch >= t.epochs or (t.patience is not None and state["bad_epochs"] >= t.patience)
                          or (handle_signals and stopper.name is not None))
+            saved = False
             if writes:
                 ck.append_metrics(run_dir, record)
                 if finishing or time.monotonic() - last_save >= checkpoint_interval_s:
-                    ck.save_tensors(run_dir / ck.WEIGHTS, best_state)
-                    _save(run_dir, module, opt, sched, state)
-                    last_save = time.monotonic()
+                    _save(run_dir, module, opt, sched, state, best_state)
+                    last_save, saved = time.monotonic(), True
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['train_loss']:.3f}", rec=f"{record['train_rec']:.3f}",
@@ -346,6 +347,8 @@ def fit(cfg: RunConfig, X: np.ndarray, X_val: Optional[np.ndarray] = None, *, ru
                 break
             if handle_signals and stopper.name is not None:
                 interrupted = stopper.name
+                if writes and not saved:  # the signal came after this epoch's save decision
+                    _save(run_dir, module, opt, sched, state, best_state)
                 break
     if bar is not None:
         bar.close()
@@ -365,7 +368,7 @@ def fit(cfg: RunConfig, X: np.ndarray, X_val: Optional[np.ndarray] = None, *, ru
     }
     if writes and interrupted is None:
         if not (run_dir / ck.WEIGHTS).exists():
-            ck.save_tensors(run_dir / ck.WEIGHTS, best_state)
+            ck.save_run_weights(run_dir, best_state)
         ck.write_summary(run_dir, summary)
     dist.barrier()
     return TrainResult(module=module, config=cfg, history=history, best_epoch=state["best_epoch"],
@@ -373,47 +376,74 @@ def fit(cfg: RunConfig, X: np.ndarray, X_val: Optional[np.ndarray] = None, *, ru
                        interrupted=interrupted, run_dir=run_dir, summary=summary)
 
 
-def _save(run_dir, module, opt, sched, state):
-    trainer = {k: v for k, v in state.items() if k != "sums"}
+def _save(run_dir, module, opt, sched, state, best_state):
+    """Write a checkpoint (then the run's best weights); on a failed write, say what is still usable."""
+    trainer = {k: v for k, v in state.items() if k not in ("sums", "kl_dim_sum")}
+    # float64 sums round-trip exactly through JSON (repr), so a resumed epoch logs the same figures
     trainer["sums"] = None if state.get("sums") is None else [float(v) for v in state["sums"]]
-    ck.save_checkpoint(run_dir, module, opt, sched, trainer, torch.get_rng_state())
+    extra = {} if state.get("kl_dim_sum") is None else {"sums.kl_dim": state["kl_dim_sum"]}
+    try:
+        ck.save_checkpoint(run_dir, module, opt, sched, trainer, torch.get_rng_state(), best=best_state,
+                           extra_tensors=extra)
+        ck.save_run_weights(run_dir, best_state)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}. Training stopped; {_last_checkpoint(run_dir)}") from None
 
 
-def _restore(run_dir: Path, module, opt, sched, device):
-    """Load the newest checkpoint that reads cleanly; fall back to older ones, naming what failed."""
-    problems = []
+def _last_checkpoint(run_dir: Path) -> str:
+    """Where a stopped run can be continued from, in words."""
+    found = ck.checkpoint_candidates(run_dir) if run_dir is not None else []
+    if not found:
+        return "no checkpoint was written yet"
+    return f"the last complete checkpoint is {found[0]}; continue with: vaelens train --resume {run_dir}"
+
+
+def _restore(run_dir: Path, module, opt, sched, device, quarantine: bool = False):
+    """Load the newest checkpoint that reads cleanly; fall back to older ones, naming what failed.
+
+    Returns (state, torch RNG state, best weights or None). With `quarantine`, damaged newer
+    checkpoints are renamed damaged-<name> so they can never shadow the ones written from here on.
+    """
+    problems, damaged = [], []
     for folder in ck.checkpoint_candidates(run_dir):
         try:
-            weights, opt_state, meta, rng = ck.load_checkpoint(folder)
+            weights, opt_state, meta, tensors = ck.load_checkpoint(folder)
             module.load_state_dict(weights)
             opt.load_state_dict(opt_state)
             if sched is not None and meta.get("scheduler") is not None:
                 sched.load_state_dict(meta["scheduler"])
-        except (CheckpointError, KeyError, ValueError, RuntimeError) as e:
-            problems.append(f"{folder.name}: {e}")
+            sums = meta.get("sums")
+            state = dict(epoch=int(meta["epoch"]), step=int(meta["step"]), best_val=float(meta["best_val"]),
+                         best_epoch=int(meta["best_epoch"]), bad_epochs=int(meta["bad_epochs"]),
+                         sums=None if sums is None else torch.tensor(sums, dtype=torch.float64),
+                         kl_dim_sum=tensors.get("sums.kl_dim"))
+        except (CheckpointError, KeyError, ValueError, TypeError, RuntimeError) as e:
+            problems.append(f"{folder.name}: {' '.join(str(e).split())}")
+            damaged.append(folder)
             continue
         if problems:
             import warnings
 
+            if quarantine:
+                for bad in damaged:
+                    ck.quarantine(bad)
             warnings.warn("skipped damaged checkpoint(s): " + "; ".join(problems) + f"; resuming from {folder.name}")
-        sums = meta.get("sums")
-        state = dict(epoch=meta["epoch"], step=meta["step"], best_val=meta["best_val"], best_epoch=meta["best_epoch"],
-                     bad_epochs=meta["bad_epochs"],
-                     sums=None if sums is None else torch.tensor(sums, dtype=torch.float64))
-        return state, rng
+        return state, tensors["rng.torch"], meta.get("best")
     detail = ("; ".join(problems)) if problems else "there are none"
     raise CheckpointError(f"{run_dir}: no usable checkpoint to resume from ({detail})")
 
 
-def _diverged_message(epoch: int, step: int, terms, what: str) -> str:
+def _diverged_message(epoch: int, step: int, terms, what: str, run_dir: Optional[Path] = None) -> str:
     bad = []
     for name, v in (("reconstruction", terms.rec), ("KL", terms.kl)):
         if not torch.isfinite(v).all():
             bad.append(name)
-    term = " and ".join(bad) if bad else "the loss"
-    return (f"training diverged at epoch {epoch + 1}, step {step + 1}: the {what} became non-finite "
-            f"({term} term). The last good checkpoint is kept. Try a lower learning rate (--lr), gradient "
-            f"clipping (--grad-clip 1.0), a larger sigma floor, or standardizing the data (--standardize).")
+    term = f" ({' and '.join(bad)} term)" if bad else (" (both loss terms were finite)" if what == "gradient" else "")
+    kept = f" Nothing was written after the last good state: {_last_checkpoint(run_dir)}." if run_dir else ""
+    return (f"training diverged at epoch {epoch + 1}, step {step + 1}: the {what} became non-finite"
+            f"{term}.{kept} Try a lower learning rate (--lr), gradient "
+            f"clipping (--grad-clip 1.0), a larger sigma floor (--sigma-floor), or standardizing the data "
+            f"(--standardize).")
 
 
 @torch.inference_mode()
@@ -431,6 +461,22 @@ def validation_terms(module: VAEModule, X: torch.Tensor, seed: int, batch_size: 
     module.train(was_training)
     n = len(X)
     return {"elbo": float(tot[0] / n), "rec": float(tot[1] / n), "kl": float(tot[2] / n)}
+
+
+class _FlushDenormals:
+    """Flush denormals to zero while training (they slow the matmuls by 20-30% once weights get small).
+
+    The flag is process-wide CPU state that numpy shares, so the caller's setting is restored on exit.
+    """
+
+    def __enter__(self):
+        self._was = bool((torch.tensor(1e-39) * 1.0) == 0)  # 1e-39 is a float32 denormal
+        torch.set_flush_denormal(True)
+        return self
+
+    def __exit__(self, *exc):
+        torch.set_flush_denormal(self._was)
+        return False
 
 
 class _nullcontext:

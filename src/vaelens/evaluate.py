@@ -1,0 +1,387 @@
+"""Evaluation to the field's standard: ELBO terms, the IWAE estimate of log p(x), active units,
+mutual information and the aggregate posterior's distance from the prior.
+
+Per sample first: the ELBO, its terms and the log-likelihood estimate have shape (n,) (per-dimension
+KL (n, d)); callers average. Data-set quantities (active units, I(x; z), KL(q(z) || p(z))) are
+scalars with their per-dimension or per-draw parts alongside. Tensors inside, numpy outside;
+every entry point puts the module in eval mode under `torch.inference_mode()`.
+
+References: Burda, Grosse & Salakhutdinov 2016 (IWAE estimate, active units); Hoffman & Johnson
+2016 and He et al. 2019 (mutual information under the encoder's joint distribution).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import numpy as np
+import torch
+from torch.distributions import Bernoulli
+
+from .errors import ConfigError, DataError
+from .model import VAEModule
+
+LOG_2PI = math.log(2 * math.pi)
+ACTIVE_THRESHOLD = 0.01  # Burda et al. 2016: a unit is active when Cov_x(E_q[z_u]) exceeds this
+# (z, x) pairs per decoder call: large enough for big matmuls, small enough (tens of MB on MNIST)
+# that K = 5000 needs no more memory than K = 50.
+ROWS_PER_CALL = 8192
+# Entries of the (draws x data) log-density matrix held at once when estimating log q(z).
+_MIXTURE_BLOCK = 4_000_000
+
+ArrayLike = Union[np.ndarray, torch.Tensor]
+
+
+@dataclass
+class Evaluation:
+    """Everything `evaluate` measures on n samples with p features and d latent dimensions.
+
+    Attributes
+    ----------
+    elbo, rec, kl : ndarray of shape (n,)
+        Per-sample ELBO = rec - kl in nats; rec is a Monte Carlo estimate, kl analytic.
+    kl_dim : ndarray of shape (n, d)
+    log_likelihood : ndarray of shape (n,) or None
+        IWAE estimate of log p(x) with `iw_samples` importance samples (None when 0).
+    activity : ndarray of shape (d,)
+        Cov_x(E_q[z_u]): the variance over the data of each posterior mean.
+    active_units : int
+        Dimensions with activity above `active_threshold`.
+    mutual_information, mutual_information_se : float
+        I(x; z) in nats under q(z|x) and the empirical distribution of x (at most log n), and its
+        Monte Carlo standard error.
+    aggregate_kl, aggregate_kl_se : float
+        KL(q(z) || p(z)) in nats and its Monte Carlo standard error.
+    features : int
+        p, for bits per dimension.
+    """
+
+    elbo: np.ndarray
+    rec: np.ndarray
+    kl: np.ndarray
+    kl_dim: np.ndarray
+    log_likelihood: Optional[np.ndarray]
+    iw_samples: int
+    activity: np.ndarray
+    active_units: int
+    active_threshold: float
+    mutual_information: float
+    mutual_information_se: float
+    aggregate_kl: float
+    aggregate_kl_se: float
+    aggregate_draws: int
+    features: int
+
+    @property
+    def n(self) -> int:
+        return int(self.elbo.shape[0])
+
+    @property
+    def nll(self) -> Optional[float]:
+        """Mean negative log-likelihood in nats (the number papers report)."""
+        return None if self.log_likelihood is None else float(-self.log_likelihood.mean())
+
+    def bits_per_dim(self) -> Optional[float]:
+        return None if self.log_likelihood is None else float(bits_per_dim(-self.log_likelihood, self.features).mean())
+
+    def to_dict(self, per_sample: bool = False) -> dict:
+        """JSON-ready summary (means, standard errors, per-dimension figures); `per_sample` adds the arrays."""
+        n = self.n
+        se = lambda a: float(a.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")  # noqa: E731
+        out = {
+            "n": n,
+            "features": self.features,
+            "latent_dim": int(self.kl_dim.shape[1]),
+            "elbo": float(self.elbo.mean()), "elbo_se": se(self.elbo),
+            "rec": float(self.rec.mean()), "kl": float(self.kl.mean()),
+            "kl_per_dim": [float(v) for v in self.kl_dim.mean(0)],
+            "iw_samples": self.iw_samples,
+            "log_likelihood": None if self.log_likelihood is None else float(self.log_likelihood.mean()),
+            "log_likelihood_se": None if self.log_likelihood is None else se(self.log_likelihood),
+            "nll": self.nll,
+            "bits_per_dim": self.bits_per_dim(),
+            "active_units": self.active_units,
+            "active_threshold": self.active_threshold,
+            "activity": [float(v) for v in self.activity],
+            "mutual_information": self.mutual_information,
+            "mutual_information_se": self.mutual_information_se,
+            "mutual_information_max": math.log(n),
+            "aggregate_kl": self.aggregate_kl,
+            "aggregate_kl_se": self.aggregate_kl_se,
+            "aggregate_draws": self.aggregate_draws,
+        }
+        if per_sample:
+            out["per_sample"] = {"elbo": self.elbo.tolist(), "rec": self.rec.tolist(), "kl": self.kl.tolist(),
+                                 "log_likelihood": None if self.log_likelihood is None
+                                 else self.log_likelihood.tolist()}
+        return out
+
+
+def bits_per_dim(nats: ArrayLike, p: int) -> np.ndarray:
+    """Convert nats per sample into bits per feature: nats / (p ln 2)."""
+    return np.asarray(nats, dtype=np.float64) / (p * math.log(2))
+
+
+# --- per-sample terms -----------------------------------------------------------------------------
+
+def elbo_terms(module: VAEModule, X: ArrayLike, n_samples: int = 1, batch_size: int = 4096,
+               seed: Optional[int] = 0) -> dict:
+    """Per-sample ELBO terms: ``elbo``, ``rec``, ``kl`` of shape (n,) and ``kl_dim`` (n, d), float64.
+
+    The reconstruction term averages `n_samples` draws of z per sample; the KL is analytic.
+    """
+    x_all = _as_tensor(module, X)
+    parts = {"elbo": [], "rec": [], "kl": [], "kl_dim": []}
+    module.eval()
+    with torch.inference_mode(), _seeded(seed, x_all.device):
+        for i in range(0, len(x_all), batch_size):
+            t = module.terms(x_all[i:i + batch_size], n_samples=n_samples)
+            for k in parts:
+                parts[k].append(getattr(t, k).double())
+    return {k: torch.cat(v).cpu().numpy() for k, v in parts.items()}
+
+
+def iwae_log_likelihood(module: VAEModule, X: ArrayLike, k: int = 5000, *, chunk_size: Optional[int] = None,
+                        batch_size: Optional[int] = None, progress: bool = False,
+                        seed: Optional[int] = 0) -> np.ndarray:
+    """The importance-weighted estimate of log p(x) with `k` samples from q(z|x), shape (n,), float64.
+
+    log p(x) ~= log (1/k) sum_k p(x|z_k) p(z_k) / q(z_k|x): a lower bound in expectation that
+    tightens as k grows (Burda et al. 2016). The k weights of a sample are drawn `chunk_size` at a
+    time and folded into a float64 running log-sum-exp, so memory does not grow with k.
+
+    Parameters
+    ----------
+    module : VAEModule
+    X : array of shape (n, p)
+        Already in the model's units (standardized / binarized as the model expects).
+    k : int
+        Importance samples per data point (5000 in the standard protocol).
+    chunk_size, batch_size : int, optional
+        Importance samples and data points per decoder call; by default about `ROWS_PER_CALL`
+        (z, x) pairs per call. The figures depend on them only through the random draws.
+    progress : bool
+        Show a tqdm bar over the data points.
+    seed : int or None
+        Seeds the draws without disturbing torch's global generator; None uses it as it is.
+
+    Returns
+    -------
+    ndarray of shape (n,)
+    """
+    if k < 1:
+        raise ConfigError(f"k (importance samples) must be >= 1, got {k}")
+    x_all = _as_tensor(module, X)
+    n = len(x_all)
+    if batch_size is None:
+        batch_size = max(1, min(n, ROWS_PER_CALL // min(k, ROWS_PER_CALL)))
+    if chunk_size is None:
+        chunk_size = max(1, min(k, ROWS_PER_CALL // batch_size))
+    if batch_size < 1 or chunk_size < 1:
+        raise ConfigError(f"batch_size and chunk_size must be >= 1, got {batch_size}, {chunk_size}")
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n, desc=f"IWAE k={k}", unit="sample", dynamic_ncols=True)
+    out = []
+    module.eval()
+    with torch.inference_mode(), _seeded(seed, x_all.device):
+        for i in range(0, n, batch_size):
+            x = x_all[i:i + batch_size]                                      # (b, p)
+            qz = module.encoder(x)
+            mu, sigma = qz.loc, qz.scale                                     # (b, d)
+            log_sigma = sigma.log().sum(-1)                                  # (b,)
+            acc = torch.full((len(x),), -math.inf, dtype=torch.float64, device=x.device)
+            for j in range(0, k, chunk_size):
+                c = min(chunk_size, k - j)
+                lw = _log_weights(module, x, mu, sigma, log_sigma, c)        # (c, b) float32
+                acc = torch.logaddexp(acc, torch.logsumexp(lw.double(), 0))
+            out.append(acc - math.log(k))
+            if bar is not None:
+                bar.update(len(x))
+    if bar is not None:
+        bar.close()
+    return torch.cat(out).cpu().numpy()
+
+
+def _log_weights(module: VAEModule, x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor,
+                 log_sigma: torch.Tensor, c: int) -> torch.Tensor:
+    """log p(x|z) + log p(z) - log q(z|x) for c draws z = mu + sigma * eps, shape (c, b).
+
+    The same quantity as `VAEModule.log_weights`, computed for speed at large k: log q - log p
+    comes from eps in closed form, and a Bernoulli decoder's log-density skips the generic
+    log_prob's broadcasting (two passes over the (c, b, p) logits instead of five).
+    """
+    eps = torch.randn((c, *mu.shape), dtype=mu.dtype, device=mu.device)   # (c, b, d)
+    z = mu + sigma * eps                                                     # (c, b, d)
+    px = module.decoder(z)                                                   # batch (c, b, p)
+    if isinstance(px, Bernoulli):
+        logits = px.logits                                                   # (c, b, p)
+        # log Bernoulli(x; sigmoid(l)) = x l - softplus(l), valid for any x in [0, 1]
+        log_px = (logits * x).sum(-1) - torch.nn.functional.softplus(logits).sum(-1)
+    else:
+        log_px = px.log_prob(x).sum(-1)                                      # (c, b)
+    # log p(z) - log q(z|x) = -z^2/2 - (-eps^2/2 - log sigma): the 2 pi terms cancel
+    log_pz_qz = 0.5 * (eps.square() - z.square()).sum(-1) + log_sigma       # (c, b)
+    return log_px + log_pz_qz
+
+
+# --- data-set quantities --------------------------------------------------------------------------
+
+def active_units(mu: ArrayLike, threshold: float = ACTIVE_THRESHOLD):
+    """Burda et al.'s active units from posterior means mu (n, d).
+
+    Returns
+    -------
+    count : int
+        Dimensions u with Cov_x(E_q[z_u]) = Var_x(mu_u(x)) > threshold.
+    activity : ndarray of shape (d,)
+    """
+    mu = np.asarray(mu, dtype=np.float64)
+    activity = mu.var(axis=0)
+    return int((activity > threshold).sum()), activity
+
+
+def aggregate_posterior_stats(mu: ArrayLike, sigma: ArrayLike, n_draws: Optional[int] = 2000,
+                              seed: Optional[int] = 0) -> dict:
+    """I(x; z) and KL(q(z) || p(z)) for q(z) = (1/n) sum_j q(z|x_j), by Monte Carlo.
+
+    Draws z_i ~ q(z|x_i) for `n_draws` data points i chosen at random (all of them when None or
+    >= n) and computes log q(z_i) exactly over the whole data set. Then (Hoffman & Johnson 2016)
+    I(x; z) = E[log q(z_i|x_i) - log q(z_i)] and KL(q(z) || p(z)) = E[log q(z_i) - log p(z_i)];
+    their sum is an estimate of the mean KL(q(z|x) || p(z)) from the same draws.
+    Each term of the MI estimate is at most log n, the MI of a code that identifies every sample.
+
+    Parameters
+    ----------
+    mu, sigma : arrays of shape (n, d)
+    n_draws : int or None
+    seed : int or None
+
+    Returns
+    -------
+    dict with ``mutual_information``, ``mutual_information_se``, ``aggregate_kl``, ``aggregate_kl_se``
+    (floats, nats) and ``draws`` (int).
+    """
+    mu = torch.as_tensor(np.asarray(mu), dtype=torch.float64)
+    sigma = torch.as_tensor(np.asarray(sigma), dtype=torch.float64)
+    n, d = mu.shape
+    g = torch.Generator().manual_seed(seed) if seed is not None else None
+    if n_draws is None or n_draws >= n:
+        idx = torch.arange(n)
+    else:
+        idx = torch.randperm(n, generator=g)[:n_draws]
+    eps = torch.randn((len(idx), d), generator=g, dtype=torch.float64)      # (m, d)
+    z = mu[idx] + sigma[idx] * eps                                           # (m, d)
+    log_q_own = -0.5 * eps.square().sum(-1) - sigma[idx].log().sum(-1) - 0.5 * d * LOG_2PI   # (m,)
+    log_qz = _log_mixture(z, mu, sigma)                                      # (m,)
+    log_pz = -0.5 * z.square().sum(-1) - 0.5 * d * LOG_2PI                   # (m,)
+    mi_terms = log_q_own - log_qz
+    kl_terms = log_qz - log_pz
+    m = len(idx)
+    se = lambda t: float(t.std() / math.sqrt(m)) if m > 1 else float("nan")  # noqa: E731
+    return {"mutual_information": float(mi_terms.mean()), "mutual_information_se": se(mi_terms),
+            "aggregate_kl": float(kl_terms.mean()), "aggregate_kl_se": se(kl_terms), "draws": m}
+
+
+def _log_mixture(z: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """log (1/n) sum_j N(z_i; mu_j, diag sigma_j^2) for every row of z (m, d), shape (m,).
+
+    The squared distance expands into one (m, 2d) x (2d, n) matmul; float64 because the expansion
+    subtracts terms as large as (z / sigma)^2 when sigma is small.
+    """
+    n, d = mu.shape
+    prec = sigma.pow(-2)                                                     # (n, d)
+    B = torch.cat([prec, -2 * mu * prec], 1)                                 # (n, 2d)
+    const = (mu.square() * prec).sum(-1)                                     # (n,)
+    log_norm = -sigma.log().sum(-1) - 0.5 * d * LOG_2PI                      # (n,)
+    rows = max(1, _MIXTURE_BLOCK // n)
+    out = []
+    for i in range(0, len(z), rows):
+        zi = z[i:i + rows]                                                   # (r, d)
+        A = torch.cat([zi.square(), zi], 1)                                  # (r, 2d)
+        sq = A @ B.T + const                                                 # (r, n): Mahalanobis distances
+        out.append(torch.logsumexp(log_norm - 0.5 * sq.clamp(min=0), 1) - math.log(n))
+    return torch.cat(out)
+
+
+def encode_all(module: VAEModule, X: ArrayLike, batch_size: int = 4096):
+    """Posterior means and scales of every sample, float64 numpy arrays of shape (n, d)."""
+    x_all = _as_tensor(module, X)
+    mus, sigmas = [], []
+    module.eval()
+    with torch.inference_mode():
+        for i in range(0, len(x_all), batch_size):
+            qz = module.encoder(x_all[i:i + batch_size])
+            mus.append(qz.loc.double())
+            sigmas.append(qz.scale.double())
+    return torch.cat(mus).cpu().numpy(), torch.cat(sigmas).cpu().numpy()
+
+
+def evaluate(module: VAEModule, X: ArrayLike, iw_samples: int = 5000, *, elbo_samples: int = 10,
+             aggregate_draws: Optional[int] = 2000, active_threshold: float = ACTIVE_THRESHOLD,
+             batch_size: Optional[int] = None, chunk_size: Optional[int] = None, progress: bool = False,
+             seed: Optional[int] = 0) -> Evaluation:
+    """All of the metrics above on X (n, p), already in the model's units.
+
+    Parameters
+    ----------
+    iw_samples : int
+        Importance samples for the log-likelihood; 0 skips it.
+    elbo_samples : int
+        Draws of z per sample for the reconstruction term of the ELBO.
+    aggregate_draws : int or None
+        Draws of z for I(x; z) and KL(q(z) || p(z)); None uses one per sample.
+    """
+    if iw_samples < 0:
+        raise ConfigError(f"iw_samples must be >= 0, got {iw_samples}")
+    if elbo_samples < 1:
+        raise ConfigError(f"elbo_samples must be >= 1, got {elbo_samples}")
+    x_all = _as_tensor(module, X)
+    terms = elbo_terms(module, x_all, n_samples=elbo_samples, seed=seed)
+    ll = None
+    if iw_samples:
+        ll = iwae_log_likelihood(module, x_all, iw_samples, chunk_size=chunk_size, batch_size=batch_size,
+                                 progress=progress, seed=seed)
+    mu, sigma = encode_all(module, x_all)
+    count, activity = active_units(mu, active_threshold)
+    agg = aggregate_posterior_stats(mu, sigma, aggregate_draws, seed)
+    return Evaluation(elbo=terms["elbo"], rec=terms["rec"], kl=terms["kl"], kl_dim=terms["kl_dim"],
+                      log_likelihood=ll, iw_samples=iw_samples, activity=activity, active_units=count,
+                      active_threshold=active_threshold, mutual_information=agg["mutual_information"],
+                      mutual_information_se=agg["mutual_information_se"],
+                      aggregate_kl=agg["aggregate_kl"], aggregate_kl_se=agg["aggregate_kl_se"],
+                      aggregate_draws=agg["draws"], features=int(x_all.shape[1]))
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+def _as_tensor(module: VAEModule, X: ArrayLike) -> torch.Tensor:
+    device = next(module.parameters()).device
+    x = torch.as_tensor(X, dtype=torch.float32, device=device)
+    if x.ndim != 2:
+        raise DataError(f"X: expected shape (n, p), got {tuple(x.shape)}")
+    return x
+
+
+class _seeded:
+    """Seed torch's generator for a block without disturbing the caller's stream (no-op for None)."""
+
+    def __init__(self, seed: Optional[int], device: torch.device):
+        self.seed, self.device = seed, device
+
+    def __enter__(self):
+        if self.seed is None:
+            return self
+        self._fork = torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
+        self._fork.__enter__()
+        torch.manual_seed(self.seed)
+        return self
+
+    def __exit__(self, *exc):
+        if self.seed is not None:
+            self._fork.__exit__(*exc)
+        return False

@@ -1,0 +1,511 @@
+"""One self-contained HTML report of a run: what the model learned, sample by sample.
+
+`build_report` loads a run directory, encodes (a seeded subsample of) its data and writes
+``report.html`` with every figure embedded as a base64 PNG and all CSS inline, so the file
+opens from disk with no network; the figures are also saved under ``RUN/figures/``.
+Sections the installed vaelens cannot compute (an optional module missing, too few latent
+dimensions) are kept in the page with the reason they were skipped.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+
+from .data import Dataset
+from .errors import DataError, VaelensError
+
+FIGURES = "figures"
+DEFAULT_NAME = "report.html"
+# Evaluation (IWAE) is the slowest part; a small K on a subset keeps the report under a minute.
+EVAL_POINTS = 500
+EVAL_IW_SAMPLES = 50
+
+
+@dataclass
+class Section:
+    id: str
+    title: str
+    body: List[str] = field(default_factory=list)  # HTML fragments
+    skipped: Optional[str] = None
+
+
+@dataclass
+class Report:
+    """What `build_report` wrote.
+
+    Attributes
+    ----------
+    path : the HTML file
+    figures : figure name -> PNG path under RUN/figures/
+    sections : section id -> None when built, else why it was skipped
+    notes : facts the page states (subsampling, data used)
+    numbers : the figures computed for the page (JSON-ready)
+    seconds : time to build
+    """
+
+    path: Path
+    figures: Dict[str, Path]
+    sections: Dict[str, Optional[str]]
+    notes: List[str]
+    numbers: dict
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return {"path": str(self.path), "figures": {k: str(v) for k, v in self.figures.items()},
+                "sections": self.sections, "notes": self.notes, "numbers": self.numbers,
+                "seconds": round(self.seconds, 3)}
+
+
+class _Page:
+    """Collects sections and figures; renders them to one HTML string."""
+
+    def __init__(self, fig_dir: Path):
+        self.fig_dir = fig_dir
+        self.sections: List[Section] = []
+        self.figures: Dict[str, Path] = {}
+
+    def section(self, id: str, title: str) -> Section:
+        s = Section(id, title)
+        self.sections.append(s)
+        return s
+
+    def figure(self, s: Section, name: str, fig, caption: str = "") -> None:
+        from .plots import save_figure
+
+        path = self.fig_dir / f"{name}.png"
+        data = save_figure(fig, path)
+        self.figures[name] = path
+        b64 = base64.b64encode(data).decode("ascii")
+        s.body.append(f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{b64}">'
+                      + (f"<figcaption>{html.escape(caption)}</figcaption>" if caption else "") + "</figure>")
+
+    def render(self, title: str, header: List[str]) -> str:
+        nav = " · ".join(f'<a href="#{s.id}">{html.escape(s.title)}</a>' for s in self.sections)
+        parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+                 f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+                 f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
+                 f"<h1>{html.escape(title)}</h1>", *header, f"<nav>{nav}</nav>"]
+        for s in self.sections:
+            parts.append(f'<section id="{s.id}"><h2>{html.escape(s.title)}</h2>')
+            if s.skipped:
+                parts.append(f'<p class="skipped">section skipped: {html.escape(s.skipped)}</p>')
+            parts.extend(s.body)
+            parts.append("</section>")
+        parts.append("<footer>written by vaelens; this file is self-contained (no network).</footer></body></html>\n")
+        return "\n".join(parts)
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;max-width:1180px;margin:1.5em auto;
+padding:0 1em;color:#222;line-height:1.45}
+h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.8em}
+h3{font-size:1.05em;margin-bottom:.3em}
+nav{margin:1em 0;font-size:.95em}nav a{color:#2060a0;text-decoration:none}
+table{border-collapse:collapse;font-size:.88em;margin:.6em 0}
+td,th{border:1px solid #ddd;padding:.2em .6em;text-align:left}th{background:#f4f4f4}
+td.n{text-align:right;font-variant-numeric:tabular-nums}
+figure{margin:.8em 0}figure img{max-width:100%;height:auto;border:1px solid #eee}
+figcaption{font-size:.85em;color:#555}
+.note{background:#fff8e0;border-left:3px solid #e0b000;padding:.3em .7em;font-size:.9em}
+.skipped{color:#a03030;font-style:italic}.muted{color:#666;font-size:.9em}
+.flex{display:flex;flex-wrap:wrap;gap:1.2em;align-items:flex-start}
+footer{margin-top:3em;font-size:.8em;color:#888}
+"""
+
+
+def _table(rows: Sequence[Sequence], header: Optional[Sequence[str]] = None) -> str:
+    def cell(v, tag="td", first=False):
+        number = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+        if isinstance(v, (float, np.floating)):
+            v = f"{v:.4g}"
+        cls = ' class="n"' if number and not first else ""
+        return f"<{tag}{cls}>{html.escape(str(v))}</{tag}>"
+
+    out = ["<table>"]
+    if header:
+        out.append("<tr>" + "".join(cell(h, "th", i == 0) for i, h in enumerate(header)) + "</tr>")
+    for r in rows:
+        out.append("<tr>" + "".join(cell(v, first=i == 0) for i, v in enumerate(r)) + "</tr>")
+    out.append("</table>")
+    return "".join(out)
+
+
+def _flatten(d, prefix=""):
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            yield from _flatten(v, key + ".")
+        elif isinstance(v, (list, tuple)):
+            if len(v) <= 12 and all(not isinstance(e, (dict, list)) for e in v):
+                yield key, ", ".join(f"{e:.3g}" if isinstance(e, float) else str(e) for e in v)
+            else:
+                yield key, f"[{len(v)} values]"
+        else:
+            yield key, v
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, (np.floating, np.integer, np.bool_)):
+        return obj.item()
+    return obj
+
+
+# --- entry point ------------------------------------------------------------------------------
+
+def build_report(run_dir: Union[str, Path], data: Union[Dataset, np.ndarray, None] = None,
+                 out_path: Union[str, Path, None] = None, compare_runs: Optional[Sequence[Union[str, Path]]] = None,
+                 seed: int = 0, max_points: int = 2000, dims: Optional[Sequence[int]] = None,
+                 n_ellipses: int = 15, n_cloud: int = 4, cloud_samples: int = 500, evaluate: bool = True,
+                 log: Optional[Callable[[str], None]] = None) -> Report:
+    """Write the HTML report of a run and its figures.
+
+    Parameters
+    ----------
+    run_dir : a run directory written by ``vaelens train`` or `VAE.save`
+    data : Dataset or ndarray of shape (n, p), optional
+        The samples to show, in data units; default the run's own training data.
+    out_path : default ``RUN/report.html``
+    compare_runs : run directories trained on the same data (other seeds) for the agreement heatmap
+    seed : seeds the subsample, the samples chosen for ellipses and point clouds, and every draw
+    max_points : data sets larger than this are subsampled (seeded) for every figure
+    dims : the two latent dimensions of the latent map (default the two most active)
+    n_ellipses : samples of the latent map that get their 1- and 2-sigma ellipses
+    n_cloud, cloud_samples : samples in the point-cloud check and z draws for each
+    evaluate : compute the evaluation metrics (IWAE with a small K on a subset)
+    log : called with a line per step (progress for the CLI)
+
+    Returns
+    -------
+    Report
+    """
+    from . import checkpoint as ck
+    from . import data as data_mod
+    from .api import VAE
+    from .evaluate import ACTIVE_THRESHOLD, active_units
+
+    t0 = time.perf_counter()
+    say = log or (lambda _m: None)
+    run_dir = Path(run_dir)
+    vae = VAE.load(run_dir)
+    cfg = vae.config_
+    ds = _dataset(data, cfg, data_mod)
+    out_path = Path(out_path) if out_path is not None else run_dir / DEFAULT_NAME
+    fig_dir = run_dir / FIGURES
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    notes: List[str] = []
+    if ds.n > max_points:
+        idx = np.sort(rng.choice(ds.n, max_points, replace=False))
+        notes.append(f"The data set has {ds.n} samples; every figure uses a random subsample of {max_points} "
+                     f"(seed {seed}).")
+        ds = ds.subset(idx)
+    say(f"encoding {ds.n} samples")
+    post = vae.encode(ds.X)
+    mu, sigma = post.mu, post.sigma                                          # (n, d)
+    d = mu.shape[1]
+    n_active, activity = active_units(mu)                                    # activity (d,) = Var_x mu
+    order = np.argsort(-activity, kind="stable")
+    numbers: dict = {"n_points": ds.n, "latent_dim": d, "activity": activity, "active_units": n_active,
+                     "active_threshold": ACTIVE_THRESHOLD, "seed": seed}
+    page = _Page(fig_dir)
+    history = ck.read_metrics(run_dir)
+    summary = ck.read_summary(run_dir)
+
+    _section_run(page, run_dir, cfg, ds, history, summary, vae, evaluate, seed, numbers, say)
+    if ds.image_shape is not None:
+        _section_images(page, vae, ds, mu, activity, order, rng, seed, numbers, say)
+    else:
+        _section_table(page, vae, ds, seed, say)
+    _section_latent_map(page, ds, mu, sigma, activity, order, dims, n_ellipses, rng, numbers, say)
+    _section_point_cloud(page, vae, ds, mu, order, n_cloud, cloud_samples, rng, seed, numbers, say)
+    _section_aggregate(page, mu, sigma, activity, numbers, say)
+    _section_compare(page, run_dir, vae, ds, compare_runs, numbers, say)
+
+    header = [f'<p class="muted">run <code>{html.escape(str(run_dir))}</code> · data '
+              f'{html.escape(ds.name or "(array)")} · {ds.n} samples shown · '
+              f'written {time.strftime("%Y-%m-%d %H:%M:%S")}</p>']
+    header += [f'<p class="note">{html.escape(n)}</p>' for n in notes]
+    text = page.render(f"vaelens report: {run_dir.name}", header)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    ck.atomic_write_text(out_path, text)
+    return Report(path=out_path, figures=dict(page.figures),
+                  sections={s.id: s.skipped for s in page.sections}, notes=notes,
+                  numbers=_jsonable(numbers), seconds=time.perf_counter() - t0)
+
+
+def _dataset(data, cfg, data_mod) -> Dataset:
+    if isinstance(data, Dataset):
+        ds = data
+    elif data is not None:
+        arr = np.asarray(data, dtype=np.float32)
+        if arr.ndim != 2:
+            raise DataError(f"report data: expected a 2-D array (samples, features), got shape {arr.shape}")
+        ds = Dataset(X=arr, name="array")
+    elif cfg.data.name == "array":
+        raise DataError("this run was trained on an in-memory array, so its data cannot be reloaded; "
+                        "pass the data (report --data FILE, or build_report(run, data=X))")
+    else:
+        ds = data_mod.load(cfg.data, "train")
+    shape = cfg.model.image_shape
+    if ds.image_shape is None and shape is not None and ds.p == shape[0] * shape[1]:
+        # flattened images from a file: the model knows their shape
+        ds = Dataset(X=ds.X, y=ds.y, image_shape=tuple(shape), name=ds.name, feature_names=ds.feature_names,
+                     label_names=ds.label_names)
+    return ds
+
+
+# --- sections ---------------------------------------------------------------------------------
+
+def _section_run(page, run_dir, cfg, ds, history, summary, vae, evaluate, seed, numbers, say):
+    from .plots import training_curves_figure
+
+    s = page.section("run", "The run")
+    m, t = cfg.model, cfg.train
+    rows = [("data", f"{ds.name or '(array)'}: {ds.n} samples shown, {ds.p} features"
+             + (f", images {ds.image_shape[0]}x{ds.image_shape[1]}" if ds.image_shape else "")
+             + (f", {len(np.unique(ds.y))} labels" if ds.y is not None else "")),
+            ("model", f"{m.arch} {m.input_dim}-{'-'.join(map(str, m.hidden)) or '(linear)'}-{m.latent_dim}, "
+                      f"likelihood {m.likelihood}{'/' + m.gaussian_scale if m.likelihood == 'gaussian' else ''}, "
+                      f"activation {m.activation}"),
+            ("training", f"{t.objective}{' K=%d' % t.iw_samples if t.objective == 'iwae' else ''}, {t.optimizer} "
+                         f"lr {t.lr:g}, batch {t.batch_size}, epochs {t.epochs}, beta {t.beta:g}, seed {t.seed}"),
+            ("preprocessing", f"binarize {cfg.data.binarize}, standardize {cfg.data.standardize}")]
+    if summary:
+        key = "best_val_loss" if "best_val_loss" in summary else "best_train_loss"
+        if key in summary:
+            rows.append(("result", f"{summary.get('epochs_run')} epochs, best epoch {summary.get('best_epoch')}: "
+                                   f"{'validation' if key == 'best_val_loss' else 'training'} -ELBO "
+                                   f"{summary[key]:.3f} nats"))
+    s.body.append(_table(rows))
+    s.body.append("<details><summary>full configuration</summary>"
+                  + _table(list(_flatten(cfg.to_dict())), ("key", "value")) + "</details>")
+    s.body.append("<h3>Training curves</h3>")
+    if history:
+        page.figure(s, "training_curves", training_curves_figure(history),
+                    "per-epoch means over the training set (and the validation set where one was held out)")
+    else:
+        s.body.append('<p class="muted">no metrics.jsonl in the run: no training curves</p>')
+    s.body.append("<h3>Evaluation</h3>")
+    if not evaluate:
+        s.body.append('<p class="muted">not computed (evaluation turned off)</p>')
+        return
+    try:
+        from .evaluate import evaluate as _evaluate
+    except ImportError as e:
+        s.body.append(f'<p class="skipped">evaluation skipped: {html.escape(str(e))}</p>')
+        return
+    say("evaluating")
+    n_eval = min(ds.n, EVAL_POINTS)
+    idx = np.random.default_rng(seed).choice(ds.n, n_eval, replace=False) if ds.n > n_eval else np.arange(ds.n)
+    res = _evaluate(vae.module_, vae._tensor(ds.X[np.sort(idx)]), iw_samples=EVAL_IW_SAMPLES, seed=seed)
+    res = res.to_dict() if hasattr(res, "to_dict") else dict(res)
+    numbers["evaluation"] = res
+    s.body.append(f'<p class="muted">on {n_eval} of the samples shown, IWAE with K = {EVAL_IW_SAMPLES} '
+                  f'(run <code>vaelens evaluate</code> for the full figures)</p>')
+    s.body.append(_table(list(_flatten(res)), ("metric", "value")))
+
+
+def _section_images(page, vae, ds, mu, activity, order, rng, seed, numbers, say):
+    from .plots import images_figure, interpolation_figure, reconstructions_figure, traversal_figure
+
+    say("images")
+    s = page.section("reconstructions", "Reconstructions, samples, traversals, interpolation")
+    shape = ds.image_shape
+    k = min(24, ds.n)
+    idx = np.sort(rng.choice(ds.n, k, replace=False))
+    s.body.append('<div class="flex">')
+    page.figure(s, "reconstructions", reconstructions_figure(ds.X[idx], vae.decode(mu[idx]), shape),
+                f"{k} random samples (seed {seed}); reconstructions are decoder means, not draws")
+    page.figure(s, "prior_samples", images_figure(vae.generate(64, seed=seed), shape, "decoded z ~ N(0, I)", 8),
+                "decoder means of 64 draws from the prior")
+    s.body.append("</div>")
+    threshold = numbers["active_threshold"]
+    dims = [int(j) for j in order[:8] if activity[j] > threshold] or [int(order[0])]
+    values = np.linspace(-3, 3, 9)
+    # Start from the prior mean so each row shows what one dimension alone controls.
+    z = np.zeros((len(dims), len(values), mu.shape[1]), dtype=np.float32)
+    for r, j in enumerate(dims):
+        z[r, :, j] = values
+    imgs = vae.decode(z.reshape(-1, mu.shape[1])).reshape(len(dims), len(values), -1)
+    page.figure(s, "traversals", traversal_figure(imgs, shape, dims, values),
+                f"each row moves one active latent dimension from -3 to 3, the others held at 0 "
+                f"({len(dims)} of {int((activity > threshold).sum())} active dimensions shown)")
+    a, b = _two_samples(ds, rng)
+    w = np.linspace(0, 1, 10)[:, None]
+    path = (1 - w) * mu[a] + w * mu[b]                                       # (10, d)
+    page.figure(s, "interpolation", interpolation_figure(vae.decode(path), shape, ds.X[[a, b]]),
+                f"decoded points on the straight line from mu(x_{a}) to mu(x_{b})")
+
+
+def _two_samples(ds, rng):
+    """Two samples to interpolate between: of different labels where there are labels."""
+    a = int(rng.integers(ds.n))
+    if ds.y is not None:
+        other = np.nonzero(ds.y != ds.y[a])[0]
+        if len(other):
+            return a, int(rng.choice(other))
+    b = int(rng.integers(ds.n - 1))
+    return a, b + (b >= a)
+
+
+def _section_table(page, vae, ds, seed, say):
+    from .plots import feature_reconstruction_figure, scatter_matrix_figure
+
+    say("feature plots")
+    s = page.section("features", "Reconstructions and samples, feature by feature")
+    names = ds.feature_names or [f"x{j}" for j in range(ds.p)]
+    rec = vae.reconstruct(ds.X)
+    page.figure(s, "feature_reconstruction", feature_reconstruction_figure(ds.X, rec, names),
+                "true against reconstructed value (decoder mean at z = mu(x)), in data units"
+                + (f"; first 12 of {ds.p} features" if ds.p > 12 else ""))
+    gen = vae.generate(min(ds.n, 1000), seed=seed)
+    page.figure(s, "scatter_matrix", scatter_matrix_figure(ds.X, names, gen),
+                "data against decoder means of draws from the prior"
+                + (f"; first 5 of {ds.p} features" if ds.p > 5 else ""))
+    cols = list(range(min(ds.p, 8)))
+    rows = []
+    for i in range(min(ds.n, 5)):
+        rows.append([f"{i} input"] + [float(ds.X[i, j]) for j in cols])
+        rows.append([f"{i} recon."] + [float(rec[i, j]) for j in cols])
+    s.body.append("<h3>First samples and their reconstructions</h3>" + _table(rows, ["sample"] + [names[j] for j in cols]))
+
+
+def _section_latent_map(page, ds, mu, sigma, activity, order, dims, n_ellipses, rng, numbers, say):
+    from .plots import latent_map_figure
+
+    s = page.section("latent-map", "The latent map")
+    d = mu.shape[1]
+    if dims is None:
+        if d < 2:
+            s.skipped = "the model has a single latent dimension"
+            return
+        dims = (int(order[0]), int(order[1]))
+    dims = tuple(int(j) for j in dims)
+    if len(dims) != 2 or not all(0 <= j < d for j in dims) or dims[0] == dims[1]:
+        raise VaelensError(f"latent map dims must be two different dimensions in 0..{d - 1}, got {dims}")
+    say("latent map")
+    k = min(n_ellipses, ds.n)
+    idx = np.sort(rng.choice(ds.n, k, replace=False))
+    numbers["latent_map_dims"] = list(dims)
+    page.figure(s, "latent_map", latent_map_figure(mu, sigma, dims, ds.y, idx, ds.label_names,
+                                                   note=f"{k} samples with ellipses"),
+                f"every sample's posterior mean in z{dims[0]}, z{dims[1]} (activity Var mu "
+                f"{activity[dims[0]]:.3g} and {activity[dims[1]]:.3g})"
+                + ("; coloured by label" if ds.y is not None else ""))
+
+
+def _section_point_cloud(page, vae, ds, mu, order, n_cloud, cloud_samples, rng, seed, numbers, say):
+    from .plots import point_cloud_figure
+
+    s = page.section("point-cloud", "Point clouds of a few samples")
+    try:
+        from .posterior import point_cloud_check
+    except ImportError as e:
+        s.skipped = f"vaelens.posterior is not available ({e})"
+        return
+    d = mu.shape[1]
+    idx = np.sort(rng.choice(ds.n, min(n_cloud, ds.n), replace=False))
+    dims = (int(order[0]), int(order[1])) if d >= 2 else (0, 0)
+    say("point clouds")
+    chk = point_cloud_check(vae.module_, vae._tensor(ds.X), idx, n_samples=cloud_samples, seed=seed, level=0.01)
+    names = [f"sample {i}" + (f" (label {ds.y[i]})" if ds.y is not None else "") for i in idx]
+    page.figure(s, "point_cloud", point_cloud_figure(chk.z, chk.mu, chk.sigma, chk.emp_mean, chk.emp_std, dims, names),
+                f"{chk.n_samples} reparameterized draws z = mu(x) + sigma(x)·eps for each of {len(idx)} samples "
+                f"in z{dims[0]}, z{dims[1]}: the encoder's ellipse against the draws' empirical mean and std")
+    verdict = "passed" if chk.passed else "FAILED"
+    s.body.append(f"<p><b>check {verdict}</b>: the draws follow N(mu(x), sigma(x)²) in all {d} dimensions "
+                  f"(p = {chk.p_value:.3g}, level {chk.level:g}; Bonferroni over a KS test of the standardized "
+                  f"draws (p = {chk.ks_p:.3g}), a chi-square test of the means (p = {chk.mean_p:.3g}) and of the "
+                  f"variances (p = {chk.var_p:.3g})).</p>")
+    rows = [[names[r], float(np.abs(chk.mean_z[r]).max()), float(chk.std_ratio[r].min()),
+             float(chk.std_ratio[r].max())] for r in range(len(idx))]
+    s.body.append(_table(rows, ["sample", "max |mean - mu| / (σ/√S)", "min sd/σ", "max sd/σ"]))
+    s.body.append(f'<p class="muted">Under the claim the standardized mean errors are N(0, 1) and sd/σ lies '
+                  f'within about 1 ± {3 / np.sqrt(2 * chk.n_samples):.2f}. Run <code>vaelens check</code> for more '
+                  f'samples and draws.</p>')
+    numbers["point_cloud"] = chk.to_dict()
+
+
+def _section_aggregate(page, mu, sigma, activity, numbers, say):
+    from .plots import aggregate_posterior_figure, variance_split_figure
+
+    s = page.section("aggregate", "The aggregate posterior against the prior")
+    try:
+        from .posterior import aggregate_posterior
+    except ImportError as e:
+        s.skipped = f"vaelens.posterior is not available ({e})"
+        return
+    say("aggregate posterior")
+    agg = aggregate_posterior(mu, sigma)
+    page.figure(s, "variance_split", variance_split_figure(agg.between, agg.within),
+                "Var z_j = Var_x mu_j(x) (what tells samples apart) + E_x sigma_j(x)² (each sample's own "
+                "uncertainty); the prior asks for 1")
+    page.figure(s, "aggregate_posterior", aggregate_posterior_figure(mu, sigma),
+                "the mixture of every sample's N(mu, sigma²) against N(0, 1), per dimension")
+    rows = [[f"z{j}", float(agg.mean[j]), float(agg.between[j]), float(agg.within[j]), float(agg.total[j]),
+             float(agg.share_between[j]), float(agg.kl_dim[j]), "yes" if agg.active[j] else "no"]
+            for j in range(len(agg.mean))]
+    s.body.append(_table(rows, ["dim", "mean", "between (Var mu)", "within (E σ²)", "total", "share between",
+                                "KL moment-matched", "active"]))
+    s.body.append(f'<p class="muted">KL(N(mean, cov) || N(0, I)) = {agg.kl_moment_matched:.4g} nats, a lower bound on '
+                  f'KL(q(z) || p(z)); the ELBO\'s KL term averaged over the samples is {agg.mean_kl:.4g} nats.</p>')
+    numbers["aggregate"] = agg.to_dict()
+
+
+def _section_compare(page, run_dir, vae, ds, compare_runs, numbers, say):
+    from .plots import heatmap_figure
+
+    s = page.section("compare", "Agreement across seeds")
+    if not compare_runs:
+        s.skipped = "no other runs given (vaelens report RUN --compare RUN2 RUN3 ...)"
+        return
+    try:
+        from .uniqueness import compare
+    except ImportError as e:
+        s.skipped = f"vaelens.uniqueness is not available ({e})"
+        return
+    from .api import VAE
+
+    say("comparing runs")
+    runs = [Path(run_dir)] + [Path(r) for r in compare_runs]
+    posts = [vae.encode(ds.X)] + [VAE.load(r).encode(ds.X) for r in runs[1:]]
+    names = [r.name if r.name not in ("", ".") else str(r) for r in runs]
+    k = len(runs)
+    mcc = np.eye(k)
+    pairs = []
+    for a in range(k):
+        for b in range(a + 1, k):
+            c = compare(posts[a].mu, posts[b].mu, posts[a].sigma, posts[b].sigma, seed=numbers.get("seed", 0))
+            mcc[a, b] = mcc[b, a] = c.mcc_pearson
+            pairs.append((f"{names[a]} vs {names[b]}", c))
+    page.figure(s, "compare_runs", heatmap_figure(mcc, names, names, "mean matched |correlation| (MCC) of mu",
+                                                  cbar_label="MCC"),
+                "active latent dimensions of two runs matched one-to-one (Hungarian method on half the samples, "
+                "scored on the other half), |correlation| averaged")
+    width = max((len(c.corr) for _, c in pairs), default=0)
+    if width:
+        M = np.full((len(pairs), width), np.nan)
+        for r, (_, c) in enumerate(pairs):
+            M[r, :len(c.corr)] = np.sort(np.abs(c.corr))[::-1]
+        page.figure(s, "compare_matched", heatmap_figure(M, [n for n, _ in pairs], [f"#{i + 1}" for i in range(width)],
+                                                         "matched |correlation| per latent pair (best first)",
+                                                         cbar_label="|corr|"),
+                    "one row per pair of runs; blank cells: fewer active dimensions in that pair")
+    rows = [[n, c.mcc_pearson, c.mcc_spearman, c.cka, min(c.r2_ab, c.r2_ba), c.verdict()] for n, c in pairs]
+    s.body.append(_table(rows, ["runs", "MCC (Pearson)", "MCC (Spearman)", "linear CKA", "linear R² (min)",
+                                "verdict"]))
+    numbers["compare"] = {"runs": [str(r) for r in runs], "mcc": mcc,
+                          "pairs": {n: c.to_dict() for n, c in pairs}}

@@ -1,0 +1,408 @@
+"""`vaelens serve`: a local web page that explores a trained model's latent space.
+
+Two layers. `Explorer` computes everything the page shows with the `VAE` estimator
+(numpy in, numpy out, no web code): every sample's posterior, one sample's input and
+reconstruction, reparameterized draws with their running statistics, decoding any z, and
+the aggregate posterior against the prior. `create_app` wraps it in a FastAPI app with a
+small JSON API and the page's three static files. Starting and stopping the server (and
+printing the address) is the CLI's job.
+
+fastapi and uvicorn are optional (``pip install 'vaelens[serve]'``), so they are imported
+inside `create_app`; this module imports without them.
+
+JSON API (every error is a 4xx with ``{"error": "<one line>"}``)::
+
+    GET  /api/info              model and data description
+    GET  /api/map               mu, sigma and label of every sample (a seeded subsample of large sets)
+    GET  /api/sample/{index}    one sample: input, reconstruction, mu, sigma
+    POST /api/draw              {"index", "n", "offset", "seed"}: n reparameterized z, running mean/std
+    POST /api/decode            {"z": [d numbers]}: the decoder's mean for z, in data units
+    GET  /api/aggregate         per dimension: aggregate posterior vs prior N(0, 1)
+"""
+
+import functools
+from importlib import resources
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from .api import VAE
+from .data import Dataset
+from .errors import DataError, VaelensError
+from .posterior import aggregate_posterior
+
+# Large data sets are shown as a seeded subsample: a browser draws 5000 points smoothly.
+MAX_MAP_POINTS = 5000
+# Each (sample, seed) has one fixed stream of this many reparameterized draws; `offset`
+# walks along it, so batches never repeat and the running statistics are reproducible.
+MAX_DRAWS = 10000
+MAX_BATCH = 1000
+# Latent coordinates beyond this are far outside any trained posterior or the prior N(0, 1);
+# the bound keeps decoder outputs finite.
+Z_LIMIT = 1e4
+# Points of the density grid for the aggregate-posterior plot, and samples in the mixture.
+DENSITY_GRID = 121
+DENSITY_SAMPLES = 2000
+DIGITS = 5  # decimals in JSON: plenty for a screen, and 3x smaller responses
+
+STATIC_FILES = {
+    "index.html": "text/html; charset=utf-8",
+    "app.js": "text/javascript; charset=utf-8",
+    "app.css": "text/css; charset=utf-8",
+}
+
+
+class ApiError(VaelensError):
+    """A request the API refuses; `status` is the HTTP status it answers with."""
+
+    def __init__(self, message: str, status: int = 422):
+        super().__init__(message)
+        self.status = status
+
+
+def require_deps() -> None:
+    """Raise a `VaelensError` naming the install command when fastapi or uvicorn is missing."""
+    missing = []
+    for name in ("fastapi", "uvicorn"):
+        try:
+            __import__(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise VaelensError(f"vaelens serve needs {' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'}"
+                           f" not installed: pip install 'vaelens[serve]'")
+
+
+def _js(a) -> Any:
+    """A numpy array or scalar as JSON-ready lists of rounded Python floats."""
+    return np.round(np.asarray(a, dtype=np.float64), DIGITS).tolist()
+
+
+class Explorer:
+    """The numbers behind the page, for one model and one data set.
+
+    Everything that does not depend on a request (the posterior of every sample, the map
+    subsample, the aggregate posterior) is computed once here, so each request is a few
+    small tensor operations on a model that stays loaded.
+
+    Parameters
+    ----------
+    vae : VAE
+        A fitted or loaded estimator.
+    dataset : Dataset
+        Data in the run's own units, X of shape (n, p).
+    max_points : int
+        Sets larger than this are shown on the map as a seeded subsample of this size.
+    seed : int
+        Seed of that subsample.
+    """
+
+    def __init__(self, vae: VAE, dataset: Dataset, max_points: int = MAX_MAP_POINTS, seed: int = 0):
+        if max_points < 1:
+            raise VaelensError(f"max_points must be >= 1, got {max_points}")
+        self.vae = vae
+        self.dataset = dataset
+        self.d = int(vae.config_.model.latent_dim)
+        post = vae.encode(dataset.X)
+        self.mu, self.sigma = post.mu, post.sigma                               # (n, d) each
+        n = dataset.n
+        if n > max_points:
+            self.map_index = np.sort(np.random.default_rng(seed).choice(n, max_points, replace=False))
+        else:
+            self.map_index = np.arange(n)
+        self.value_range = (float(np.min(dataset.X)), float(np.max(dataset.X)))
+        # Tables scale each feature's bar by its own range; images share one grey scale.
+        self.feature_range = (dataset.X.min(0), dataset.X.max(0))                # (p,) each
+        self._aggregate = self._compute_aggregate(seed)
+
+    # --- validation ----------------------------------------------------------------------
+    def check_index(self, index: int) -> int:
+        n = self.dataset.n
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < n:
+            raise ApiError(f"index {index!r} is out of range: the data set has samples 0..{n - 1}", status=404)
+        return int(index)
+
+    def check_z(self, z) -> np.ndarray:
+        try:
+            z = np.asarray(z, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ApiError(f"z: expected {self.d} numbers (one per latent dimension)") from None
+        if z.shape != (self.d,):
+            raise ApiError(f"z: expected {self.d} numbers (one per latent dimension), got shape {z.shape}")
+        if not np.isfinite(z).all():
+            raise ApiError("z: contains NaN or infinite values")
+        if np.abs(z).max() > Z_LIMIT:
+            raise ApiError(f"z: coordinates must lie within ±{Z_LIMIT:g}")
+        return z
+
+    # --- answers -------------------------------------------------------------------------
+    def info(self) -> dict:
+        cfg, ds = self.vae.config_, self.dataset
+        labels = None if ds.y is None else np.unique(ds.y)
+        names = None
+        if labels is not None:
+            names = [ds.label_names[int(v)] if ds.label_names and 0 <= int(v) < len(ds.label_names) else str(int(v))
+                     for v in labels]
+        return {
+            "data": ds.name,
+            "n": ds.n,
+            "p": ds.p,
+            "image_shape": list(ds.image_shape) if ds.image_shape else None,
+            "feature_names": list(ds.feature_names) if ds.feature_names else [f"x{j}" for j in range(ds.p)],
+            "labels": None if labels is None else [int(v) for v in labels],
+            "label_names": names,
+            "latent_dim": self.d,
+            "likelihood": cfg.model.likelihood,
+            "arch": cfg.model.arch,
+            "hidden": list(cfg.model.hidden),
+            "value_range": list(self.value_range),
+            "feature_min": None if ds.image_shape else _js(self.feature_range[0]),
+            "feature_max": None if ds.image_shape else _js(self.feature_range[1]),
+            "map_points": int(len(self.map_index)),
+            "limits": {"max_batch": MAX_BATCH, "max_draws": MAX_DRAWS, "z_limit": Z_LIMIT},
+        }
+
+    def latent_map(self) -> dict:
+        """mu and sigma (m, d) of the map's samples, their dataset indices (m,) and labels (m,)."""
+        idx = self.map_index
+        y = self.dataset.y
+        return {
+            "index": idx.tolist(),
+            "mu": _js(self.mu[idx]),
+            "sigma": _js(self.sigma[idx]),
+            "label": None if y is None else [int(v) for v in y[idx]],
+        }
+
+    def sample(self, index: int) -> dict:
+        """One sample: input x (p,), reconstruction at z = mu (p,), mu and sigma (d,)."""
+        i = self.check_index(index)
+        ds = self.dataset
+        recon = self.vae.decode(self.mu[i:i + 1])[0]                           # (p,)
+        return {
+            "index": i,
+            "label": None if ds.y is None else int(ds.y[i]),
+            "x": _js(ds.X[i]),
+            "reconstruction": _js(recon),
+            "mu": _js(self.mu[i]),
+            "sigma": _js(self.sigma[i]),
+        }
+
+    def draw(self, index: int, n: int, offset: int = 0, seed: int = 0) -> dict:
+        """Draws ``offset .. offset+n`` of sample `index`'s z stream, and the running statistics.
+
+        Returns z of shape (n, d) and the empirical mean and std (ddof=0) over all
+        ``offset + n`` draws so far, which converge to mu(x) and sigma(x).
+        """
+        i = self.check_index(index)
+        if not 1 <= n <= MAX_BATCH:
+            raise ApiError(f"n must be between 1 and {MAX_BATCH}, got {n}")
+        if offset < 0 or offset + n > MAX_DRAWS:
+            raise ApiError(f"offset + n must be at most {MAX_DRAWS} draws per sample, got {offset} + {n}; "
+                           f"reset the draws or pick another seed")
+        z = self._stream(i, seed)                                               # (MAX_DRAWS, d)
+        seen = z[:offset + n]
+        return {
+            "index": i,
+            "offset": offset,
+            "count": offset + n,
+            "z": _js(z[offset:offset + n]),
+            "mean": _js(seen.mean(0)),
+            "std": _js(seen.std(0)),
+        }
+
+    @functools.lru_cache(maxsize=16)
+    def _stream(self, index: int, seed: int) -> np.ndarray:
+        # One seed per (seed, sample), so different samples do not share their noise.
+        s = int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+        x = self.dataset.X[index:index + 1]
+        return self.vae.sample_latent(x, MAX_DRAWS, seed=s)[:, 0, :].astype(np.float64)  # (MAX_DRAWS, d)
+
+    def decode(self, z) -> dict:
+        """The decoder's mean for one latent point z (d,), in data units (p,)."""
+        zz = self.check_z(z)
+        out = self.vae.decode(zz[None].astype(np.float32))[0]                  # (p,)
+        if not np.isfinite(out).all():
+            raise ApiError("the decoder's output is not finite at this z; choose a point nearer the data")
+        return {"z": _js(zz), "x": _js(out)}
+
+    def aggregate(self) -> dict:
+        return self._aggregate
+
+    def _compute_aggregate(self, seed: int) -> dict:
+        """Per dimension: q(z_j) = mean_i N(mu_ij, sigma_ij^2) against the prior N(0, 1).
+
+        Its variance splits into between = Var_i mu_ij (what the code carries about x) and
+        within = E_i sigma_ij^2 (the noise the encoder adds); the prior asks for a total of 1.
+        """
+        mu, sigma = self.mu.astype(np.float64), self.sigma.astype(np.float64)
+        agg = aggregate_posterior(mu, sigma)
+        kl = torch.distributions.kl_divergence(
+            torch.distributions.Normal(torch.as_tensor(mu), torch.as_tensor(sigma)),
+            torch.distributions.Normal(0.0, 1.0)).mean(0).numpy()               # (d,)
+        # The mixture density on a grid, from a seeded subsample: 2000 components draw the
+        # curve to well within a line's width.
+        rows = np.arange(len(mu))
+        if len(rows) > DENSITY_SAMPLES:
+            rows = np.random.default_rng(seed).choice(len(mu), DENSITY_SAMPLES, replace=False)
+        lo = np.minimum(-4.0, np.quantile(mu - 3 * sigma, 0.005, axis=0))      # (d,)
+        hi = np.maximum(4.0, np.quantile(mu + 3 * sigma, 0.995, axis=0))
+        grid = np.linspace(lo, hi, DENSITY_GRID)                               # (G, d)
+        dens = np.empty_like(grid)
+        for j in range(self.d):
+            m, s = mu[rows, j], sigma[rows, j]                                  # (m,)
+            u = (grid[:, j, None] - m) / s                                      # (G, m)
+            dens[:, j] = (np.exp(-0.5 * u ** 2) / (s * np.sqrt(2 * np.pi))).mean(1)
+        prior = np.exp(-0.5 * grid ** 2) / np.sqrt(2 * np.pi)                  # (G, d)
+        return {
+            "mean": _js(agg.mean),
+            "between": _js(agg.between),
+            "within": _js(agg.within),
+            "total": _js(agg.total),
+            "share_between": _js(agg.share_between),
+            "active": [bool(v) for v in agg.active],
+            "kl": _js(kl),
+            "grid": _js(grid.T),
+            "density": _js(dens.T),
+            "prior": _js(prior.T),
+        }
+
+
+def _static(name: str) -> bytes:
+    return resources.files("vaelens").joinpath("static").joinpath(name).read_bytes()
+
+
+def create_app(vae: VAE, dataset: Dataset, *, max_points: int = MAX_MAP_POINTS, seed: int = 0,
+               allowed_hosts: Optional[list] = None):
+    """The FastAPI application serving the page and the JSON API.
+
+    Parameters
+    ----------
+    vae : VAE
+    dataset : Dataset
+        The data shown on the map, in the run's own units.
+    max_points, seed : int
+        Size and seed of the map's subsample for large sets.
+    allowed_hosts : list of str, optional
+        Host headers accepted; the CLI passes the loopback names when bound to loopback,
+        so that another web site cannot reach the API through DNS rebinding.
+
+    Returns
+    -------
+    fastapi.FastAPI
+    """
+    require_deps()
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response
+    from pydantic import BaseModel, ConfigDict, Field
+    from starlette.exceptions import HTTPException
+
+    explorer = Explorer(vae, dataset, max_points=max_points, seed=seed)
+    # Read once, from the package only: no request ever names a file.
+    pages = {name: (_static(name), ctype) for name, ctype in STATIC_FILES.items()}
+    d = explorer.d
+
+    app = FastAPI(title="vaelens", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.explorer = explorer
+    if allowed_hosts:
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
+
+    strict = ConfigDict(extra="forbid", strict=True)
+
+    class DrawRequest(BaseModel):
+        model_config = strict
+        index: int
+        n: int = 20
+        offset: int = 0
+        seed: int = Field(default=0, ge=0, le=2 ** 32 - 1)
+
+    class DecodeRequest(BaseModel):
+        model_config = strict
+        z: list[float] = Field(min_length=d, max_length=d)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        return JSONResponse({"error": _describe(exc.errors())}, status_code=422)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException):
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+
+    @app.exception_handler(ApiError)
+    async def _api(request: Request, exc: ApiError):
+        return JSONResponse({"error": str(exc)}, status_code=exc.status)
+
+    @app.exception_handler(DataError)
+    async def _data(request: Request, exc: DataError):
+        return JSONResponse({"error": str(exc)}, status_code=422)
+
+    def page(name: str):
+        body, ctype = pages[name]
+        return Response(body, media_type=ctype, headers={"Cache-Control": "no-cache"})
+
+    @app.get("/", include_in_schema=False)
+    def index():
+        return page("index.html")
+
+    @app.get("/static/{name}", include_in_schema=False)
+    def static(name: str):
+        if name not in pages:
+            raise ApiError(f"no such file: {name}", status=404)
+        return page(name)
+
+    # Answers are built as plain JSON types, so they skip FastAPI's per-value encoder (a few ms
+    # for one MNIST image); the answers that never change are rendered once.
+    fixed = {name: JSONResponse(fn()).body for name, fn in
+             (("info", explorer.info), ("map", explorer.latent_map), ("aggregate", explorer.aggregate))}
+
+    def cached(name: str):
+        return Response(fixed[name], media_type="application/json")
+
+    @app.get("/api/info")
+    def info():
+        return cached("info")
+
+    @app.get("/api/map")
+    def latent_map():
+        return cached("map")
+
+    @app.get("/api/aggregate")
+    def aggregate():
+        return cached("aggregate")
+
+    @app.get("/api/sample/{index}")
+    def sample(index: int):
+        return JSONResponse(explorer.sample(index))
+
+    @app.post("/api/draw")
+    def draw(req: DrawRequest):
+        return JSONResponse(explorer.draw(req.index, req.n, req.offset, req.seed))
+
+    # async: one decode is a millisecond of model time, less than a hop to the thread pool,
+    # and the page keeps at most one decode in flight.
+    @app.post("/api/decode")
+    async def decode(req: DecodeRequest):
+        return JSONResponse(explorer.decode(req.z))
+
+    return app
+
+
+def _describe(errors) -> str:
+    """pydantic's validation errors as one line: ``z.3: Input should be a finite number``."""
+    parts = []
+    for e in list(errors)[:3]:
+        loc = [str(v) for v in e.get("loc", ())]
+        if loc and loc[0] in ("body", "query", "path"):  # where in the request, not a field name
+            loc = loc[1:]
+        where = ".".join(loc) or "body"
+        msg = e.get("msg", "invalid")
+        if e.get("type") == "extra_forbidden":
+            msg = "unknown field"
+        elif e.get("type") == "json_invalid":
+            where, msg = "body", f"not valid JSON (at character {loc[-1] if loc else '?'})"
+        parts.append(f"{where}: {msg}")
+    more = len(list(errors)) - 3
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")

@@ -1,0 +1,234 @@
+"""vaelens.report and `vaelens report` / `train --report`: a self-contained HTML page that parses,
+embeds decodable PNGs, has every section, points at nothing on the network, and renders in a browser."""
+
+import base64
+import io
+import json
+import re
+import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vaelens import VAE
+from vaelens.errors import DataError
+from vaelens.report import build_report
+
+IMAGE_SECTIONS = ["run", "reconstructions", "latent-map", "point-cloud", "aggregate", "compare"]
+TABLE_SECTIONS = ["run", "features", "latent-map", "point-cloud", "aggregate", "compare"]
+
+
+class _Page(HTMLParser):
+    """Collects sections, img sources, links, scripts and styles of a report."""
+
+    def __init__(self):
+        super().__init__()
+        self.sections, self.imgs, self.refs, self.scripts, self.styles = [], [], [], [], []
+        self.skipped = []
+        self._in_style = False
+        self._in_skip = False
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "section":
+            self.sections.append(a.get("id"))
+        if tag == "img":
+            self.imgs.append(a.get("src", ""))
+        if tag == "script":
+            self.scripts.append(a)
+        if tag == "style":
+            self._in_style = True
+        if tag == "p" and a.get("class") == "skipped":
+            self._in_skip = True
+        for k in ("src", "href", "action", "data"):
+            if k in a:
+                self.refs.append(a[k])
+
+    def handle_endtag(self, tag):
+        if tag == "style":
+            self._in_style = False
+        if tag == "p":
+            self._in_skip = False
+
+    def handle_data(self, data):
+        if self._in_style:
+            self.styles.append(data)
+        if self._in_skip:
+            self.skipped.append((self.sections[-1], data))
+
+
+def _parse(path: Path) -> _Page:
+    text = path.read_text(encoding="utf-8")
+    page = _Page()
+    page.feed(text)
+    page.close()
+    assert text.lstrip().startswith("<!DOCTYPE html>") and text.rstrip().endswith("</html>")
+    return page
+
+
+def _check_self_contained(page: _Page, text: str) -> None:
+    assert not page.scripts, "the report needs no script"
+    for ref in page.refs:
+        assert ref.startswith(("data:image/png;base64,", "#")), ref
+    assert "@import" not in "".join(page.styles)
+    assert not re.search(r"url\(\s*['\"]?(https?:)?//", "".join(page.styles))
+    assert not re.search(r"(src|href)\s*=\s*['\"]?\s*(https?:)?//", text, re.I)
+
+
+def _check_images(page: _Page, report) -> None:
+    assert len(page.imgs) == len(report.figures) > 0
+    saved = {p.read_bytes() for p in report.figures.values()}
+    for src in page.imgs:
+        data = base64.b64decode(src.split(",", 1)[1], validate=True)
+        img = Image.open(io.BytesIO(data))
+        assert img.format == "PNG"
+        img.load()
+        w, h = img.size
+        assert 150 <= w <= 2500 and 60 <= h <= 2500, (w, h)
+        assert data in saved  # the same figure is on disk under RUN/figures/
+
+
+@pytest.fixture
+def digits_copy(digits_run, tmp_path):
+    """A private copy of the session's digits run, so figures/ and report.html land in this test's folder."""
+    run = tmp_path / "digits"
+    shutil.copytree(digits_run, run)
+    return run
+
+
+@pytest.fixture
+def table_run(table_data, tmp_path):
+    """A gaussian run on standardized tabular data, saved through the Python API."""
+    run = tmp_path / "table"
+    VAE(latent_dim=3, hidden=(32,), likelihood="gaussian", standardize=True, batch_size=64).fit(
+        table_data, epochs=4, seed=0).save(run)
+    return run
+
+
+def test_digits_report(digits_copy, digits_run, tmp_path):
+    from vaelens import data as data_mod
+
+    # a second "seed": same data, another initialization, for the agreement section
+    other = tmp_path / "other"
+    X = data_mod.load_digits().X
+    VAE(latent_dim=4, hidden=(64,)).fit(X, epochs=2, seed=1).save(other)
+    out = tmp_path / "out" / "r.html"
+    rep = build_report(digits_copy, out_path=out, compare_runs=[other], max_points=400, evaluate=True)
+    assert rep.path == out
+    page = _parse(out)
+    text = out.read_text()
+    assert page.sections == IMAGE_SECTIONS
+    assert all(v is None for v in rep.sections.values()), rep.sections
+    assert not page.skipped
+    _check_self_contained(page, text)
+    _check_images(page, rep)
+    assert {"training_curves", "reconstructions", "prior_samples", "traversals", "interpolation", "latent_map",
+            "point_cloud", "variance_split", "aggregate_posterior", "compare_runs"} <= set(rep.figures)
+    assert all(p.parent == digits_copy / "figures" for p in rep.figures.values())
+    # 1500 digits > 400: a seeded subsample, and the page says so
+    assert rep.numbers["n_points"] == 400
+    assert "random subsample of 400" in text and "seed 0" in text
+    # the evaluation table comes from vaelens.evaluate on the samples shown
+    assert rep.numbers["evaluation"]["n"] == 400 and "log_likelihood" in text
+    # the aggregate section's split adds up: between + within = total for every dimension
+    agg = rep.numbers["aggregate"]
+    assert np.allclose(np.add(agg["between"], agg["within"]), agg["total"])
+    assert rep.numbers["compare"]["mcc"][0][0] == 1.0
+
+
+def test_report_is_reproducible_with_the_seed(digits_copy, tmp_path):
+    a = build_report(digits_copy, out_path=tmp_path / "a.html", max_points=200, evaluate=False, seed=3)
+    b = build_report(digits_copy, out_path=tmp_path / "b.html", max_points=200, evaluate=False, seed=3)
+    assert a.numbers["point_cloud"]["indices"] == b.numbers["point_cloud"]["indices"]
+    assert a.numbers["aggregate"] == b.numbers["aggregate"]
+    assert a.numbers["latent_map_dims"] == b.numbers["latent_map_dims"]
+    c = build_report(digits_copy, out_path=tmp_path / "c.html", max_points=200, evaluate=False, seed=4)
+    assert c.numbers["point_cloud"]["indices"] != a.numbers["point_cloud"]["indices"]
+
+
+def test_table_report(table_run, table_data, tmp_path):
+    with pytest.raises(DataError, match="in-memory array"):
+        build_report(table_run)  # an API run cannot reload its data by itself
+    rep = build_report(table_run, table_data, evaluate=False)
+    assert rep.path == table_run / "report.html"
+    page = _parse(rep.path)
+    assert page.sections == TABLE_SECTIONS
+    assert rep.sections["compare"] is not None and all(rep.sections[s] is None for s in TABLE_SECTIONS[:-1])
+    _check_self_contained(page, rep.path.read_text())
+    _check_images(page, rep)
+    assert {"feature_reconstruction", "scatter_matrix"} <= set(rep.figures)
+    assert not {"reconstructions", "prior_samples", "traversals", "interpolation"} & set(rep.figures)
+    assert "subsample" not in rep.path.read_text()  # 600 samples fit under max_points
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "vaelens", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env={**__import__("os").environ, "VAELENS_OFFLINE": "1"})
+
+
+def test_cli_train_report_and_report(table_data, tmp_path):
+    csv = tmp_path / "t.csv"
+    np.savetxt(csv, table_data, delimiter=",", header=",".join(f"f{j}" for j in range(12)), comments="")
+    run = tmp_path / "run"
+    r = _cli("train", "--data", csv, "--likelihood", "gaussian", "--standardize", "--epochs", "2", "--latent-dim",
+             "2", "--hidden", "16", "--out", run, "--no-progress", "--report")
+    assert r.returncode == 0, r.stderr
+    assert f"report {run / 'report.html'}" in r.stdout
+    page = _parse(run / "report.html")
+    assert page.sections == TABLE_SECTIONS
+    # an existing report is not overwritten without --force: one line, exit 2
+    r = _cli("report", run)
+    assert r.returncode == 2 and "--force" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("report", run, "--dims", "0,0", "--force")
+    assert r.returncode == 2 and "two different dimensions" in r.stderr and "Traceback" not in r.stderr
+    out = tmp_path / "other.html"
+    r = _cli("report", run, "--out", out, "--json", tmp_path / "r.json", "--no-eval", "--max-points", "100")
+    assert r.returncode == 0, r.stderr
+    assert "point-cloud check" in r.stdout and "between" in r.stdout
+    js = json.loads((tmp_path / "r.json").read_text())
+    assert js["path"] == str(out) and js["numbers"]["n_points"] == 100
+    assert set(js["sections"]) == set(TABLE_SECTIONS)
+    assert "random subsample of 100" in out.read_text()
+
+
+def _browser():
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+# Probes the rendered page: counts images that failed to decode, and records script errors.
+_PROBE = ("<script>window.__errors=[];window.addEventListener('error',e=>window.__errors.push(String(e.message)));"
+          "window.addEventListener('load',()=>{const bad=[...document.images].filter(i=>!i.complete||"
+          "i.naturalWidth===0).length;document.body.setAttribute('data-probe','images='+document.images.length+"
+          "';broken='+bad+';errors='+window.__errors.length);});</script>")
+
+
+def test_headless_browser_renders_report(table_run, table_data, tmp_path):
+    browser = _browser()
+    if browser is None:
+        pytest.skip("no chromium binary found (Debian: apt-get install chromium); .ci/run installs it")
+    rep = build_report(table_run, table_data, evaluate=False)
+    probe = tmp_path / "probe.html"
+    probe.write_text(rep.path.read_text().replace("</body>", _PROBE + "</body>"))
+    r = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                        "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = re.search(r'data-probe="images=(\d+);broken=(\d+);errors=(\d+)"', r.stdout)
+    assert m, r.stdout[:500]
+    assert int(m.group(1)) == len(rep.figures) and m.group(2) == "0" and m.group(3) == "0"
+    for sid in TABLE_SECTIONS:
+        assert f'id="{sid}"' in r.stdout
+    shot = tmp_path / "shot.png"
+    r = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                        f"--screenshot={shot}", "--window-size=1200,2000", rep.path.as_uri()],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and Image.open(shot).size == (1200, 2000)

@@ -1,0 +1,220 @@
+"""`vaelens serve` in a real browser: Playwright driving Debian's chromium.
+
+Skipped where playwright or /usr/bin/chromium is missing (`.ci/run` installs both; never
+`playwright install`, which downloads browsers). Set VAELENS_SCREENSHOT=docs/img/serve.png
+to regenerate the README's screenshot; the test always saves one under its tmp_path.
+"""
+
+import contextlib
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+
+CHROMIUM = os.environ.get("VAELENS_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+try:
+    from playwright.sync_api import sync_playwright
+except ImportError:
+    sync_playwright = None
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(sync_playwright is None, reason="playwright is not installed (pip install playwright; "
+                                                      ".ci/run installs it)"),
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no chromium at {CHROMIUM} (apt-get install chromium; "
+                                                           f"or set VAELENS_CHROMIUM)"),
+]
+
+from vaelens import VAE  # noqa: E402
+from vaelens.data import Dataset, load_digits  # noqa: E402
+from vaelens.serve import create_app  # noqa: E402
+
+
+@contextlib.contextmanager
+def serving(app):
+    """Run `app` on uvicorn in a thread, on a free loopback port; yields its base URL."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def url():
+    ds = load_digits()
+    # Thirty epochs on 1500 8x8 digits: seconds, and enough for visible clusters.
+    vae = VAE(latent_dim=4, hidden=(64,)).fit(ds.X, epochs=30, seed=0)
+    with serving(create_app(vae, ds, allowed_hosts=["127.0.0.1", "localhost"])) as u:
+        yield u
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def _open(browser, url, errors, height=1040):
+    page = browser.new_page(viewport={"width": 1240, "height": height})
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url)
+    page.wait_for_selector("body[data-ready='1']", timeout=30000)
+    return page
+
+
+def _canvas_png(page, canvas_id):
+    return page.evaluate(f"document.getElementById('{canvas_id}').toDataURL()")
+
+
+def _column(page, cls):
+    return page.eval_on_selector_all(f"#stats td.{cls}", "tds => tds.map(t => t.textContent)")
+
+
+def test_page_explores_the_latent_space(browser, url, tmp_path):
+    errors = []
+    page = _open(browser, url, errors)
+    try:
+        assert page.locator("#aggregate canvas").count() == 4
+        first = page.evaluate("window.vaelens.state.sel.index")
+        input_before = _canvas_png(page, "img-input")
+
+        # select another sample by clicking its dot on the map
+        box = page.locator("#map").bounding_box()
+        k = page.evaluate("""() => {
+            const S = window.vaelens.state;
+            const m = S.map.mu, first = S.sel.index;
+            // a dot well away from the first sample's, so the click cannot pick that one
+            let best = -1, bestD = -1;
+            for (let i = 0; i < m.length; i++) {
+                const d = Math.hypot(m[i][0] - S.sel.mu[0], m[i][1] - S.sel.mu[1]);
+                if (d > bestD && Math.abs(m[i][0]) < 2.5 && Math.abs(m[i][1]) < 2.5) { bestD = d; best = i; }
+            }
+            return best;
+        }""")
+        px, py = page.evaluate(f"window.vaelens.pointOnCanvas({k})")
+        page.mouse.click(box["x"] + px, box["y"] + py)
+        page.wait_for_function(f"window.vaelens.state.sel && window.vaelens.state.sel.index !== {first}",
+                               timeout=15000)
+        assert _canvas_png(page, "img-input") != input_before
+        assert page.locator("#sample-label").inner_text().startswith("label ")
+
+        # draw z twice: the running mean and std appear, then change
+        page.click("#draw")
+        page.wait_for_function("document.getElementById('draw-count').textContent === '10 draws'")
+        mean1, std1 = _column(page, "mean"), _column(page, "std")
+        assert all(v.strip() for v in mean1 + std1)
+        page.select_option("#batch", "200")
+        page.click("#draw")
+        page.wait_for_function("document.getElementById('draw-count').textContent === '210 draws'")
+        mean2, std2 = _column(page, "mean"), _column(page, "std")
+        assert mean2 != mean1 and std2 != std1
+        assert page.evaluate("window.vaelens.state.draws.length") == 210
+
+        # drag across the map: the decoded image follows the pointer
+        decodes = int(page.evaluate("Number(document.body.dataset.decodes || 0)"))
+        ax, ay = page.evaluate("window.vaelens.latentOnCanvas(-2, -2)")
+        bx, by = page.evaluate("window.vaelens.latentOnCanvas(2, 2)")
+        page.mouse.move(box["x"] + ax, box["y"] + ay)
+        page.mouse.down()
+        page.wait_for_function(f"Number(document.body.dataset.decodes || 0) > {decodes}")
+        page.wait_for_timeout(200)
+        decoded_a = _canvas_png(page, "img-decoded")
+        z_a = page.evaluate("window.vaelens.state.pointerZ")
+        page.mouse.move(box["x"] + bx, box["y"] + by, steps=12)
+        page.mouse.up()
+        page.wait_for_function(
+            "(() => { const z = window.vaelens.state.pointerZ; return z && z[0] > 1.5 && z[1] > 1.5; })()")
+        page.wait_for_function(f"Number(document.body.dataset.decodes) > {decodes + 2}")
+        page.wait_for_timeout(300)  # let the last in-flight decode land
+        decoded_b = _canvas_png(page, "img-decoded")
+        z_b = page.evaluate("window.vaelens.state.pointerZ")
+        assert decoded_b != decoded_a
+        assert np.allclose(z_a[:2], [-2, -2], atol=0.1) and np.allclose(z_b[:2], [2, 2], atol=0.1)
+        # other dimensions are held at the selected sample's mu
+        sel_mu = page.evaluate("window.vaelens.state.sel.mu")
+        np.testing.assert_allclose(z_b[2:], sel_mu[2:], atol=1e-6)
+
+        hx, hy = page.evaluate("""() => {  // hover another dot: its sigma ellipses show
+            const S = window.vaelens.state, m = S.map.mu;
+            let best = 0;
+            for (let i = 0; i < m.length; i++)
+                if (Math.hypot(m[i][0] + 1.2, m[i][1]) < Math.hypot(m[best][0] + 1.2, m[best][1])) best = i;
+            return window.vaelens.pointOnCanvas(best);
+        }""")
+        page.mouse.move(box["x"] + hx, box["y"] + hy)
+        page.wait_for_timeout(200)
+        shot = tmp_path / "serve.png"
+        page.screenshot(path=str(shot))
+    finally:
+        page.close()
+    assert shot.stat().st_size > 10000
+    assert errors == []
+    target = os.environ.get("VAELENS_SCREENSHOT")
+    if target:
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        try:  # a 256-colour palette keeps the README's picture small
+            from PIL import Image
+
+            img = Image.open(shot).convert("RGB").quantize(256, method=Image.Quantize.FASTOCTREE)
+            img.save(target, optimize=True)
+        except ImportError:
+            shutil.copyfile(shot, target)
+
+
+def test_tables_show_decoded_feature_values(browser):
+    rng = np.random.default_rng(0)
+    X = (rng.normal(size=(200, 4)) * [1, 10, 100, 0.1]).astype(np.float32)
+    ds = Dataset(X=X, name="table", feature_names=["alpha", "beta", "gamma", "delta"])
+    vae = VAE(latent_dim=2, hidden=(8,), likelihood="gaussian", standardize=True).fit(X, epochs=2, seed=0)
+    errors = []
+    with serving(create_app(vae, ds)) as u:
+        page = _open(browser, u, errors)
+        try:
+            assert not page.locator("#images").is_visible()
+            names = page.eval_on_selector_all("#features tbody td:first-child", "t => t.map(x => x.textContent)")
+            assert names == ["alpha", "beta", "gamma", "delta"]
+            box = page.locator("#map").bounding_box()
+            values = []
+            for u_, v_ in [(-1.5, 1.0), (1.5, -1.0)]:
+                x, y = page.evaluate(f"window.vaelens.latentOnCanvas({u_}, {v_})")
+                page.mouse.click(box["x"] + x, box["y"] + y)
+                page.wait_for_function(
+                    f"(() => {{ const z = window.vaelens.state.pointerZ; "
+                    f"return z && Math.abs(z[0] - {u_}) < 0.1; }})()")
+                page.wait_for_function(f"window.vaelens.state.decoded && document.querySelector('#features td.decoded')"
+                                       f".textContent !== ''")
+                page.wait_for_timeout(200)
+                values.append(page.eval_on_selector_all("#features td.decoded", "t => t.map(x => x.textContent)"))
+            assert values[0] != values[1] and all(v.strip() for v in values[1])
+        finally:
+            page.close()
+    assert errors == []

@@ -1,0 +1,98 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vaelens import data, train
+from vaelens.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from vaelens.errors import TrainingDiverged
+
+
+def small_cfg(**train_kw):
+    t = dict(epochs=3, batch_size=64, seed=1)
+    t.update(train_kw)
+    return RunConfig(model=ModelConfig(latent_dim=3, hidden=(32,)), train=TrainConfig(**t))
+
+
+def prepared(cfg, n=400):
+    ds = data.load_digits()
+    ds = ds.subset(np.arange(n))
+    return train.prepare(cfg, ds)
+
+
+def test_same_seed_same_weights(tmp_path):
+    cfg, X, Xv = prepared(small_cfg())
+    a = train.fit(cfg, X, Xv, progress=False)
+    b = train.fit(cfg, X, Xv, progress=False)
+    for k, v in a.module.state_dict().items():
+        assert torch.equal(v, b.module.state_dict()[k]), k
+    cfg2, X2, Xv2 = prepared(small_cfg(seed=2))
+    c = train.fit(cfg2, X2, Xv2, progress=False)
+    assert not torch.equal(a.module.encoder.mu_head.weight, c.module.encoder.mu_head.weight)
+
+
+def test_run_directory_contents(tmp_path):
+    cfg, X, Xv = prepared(small_cfg(epochs=4))
+    r = train.fit(cfg, X, Xv, run_dir=tmp_path / "run", progress=False, checkpoint_interval_s=0)
+    run = tmp_path / "run"
+    assert {p.name for p in run.iterdir()} >= {"config.json", "model.safetensors", "metrics.jsonl", "summary.json",
+                                               "checksums.json", "checkpoints"}
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [l["epoch"] for l in lines] == [1, 2, 3, 4]
+    assert {"train_loss", "train_rec", "train_kl", "val_loss", "kl_per_dim", "lr"} <= set(lines[0])
+    assert len(lines[0]["kl_per_dim"]) == 3
+    best = load_file(run / "model.safetensors")
+    for k, v in r.module.state_dict().items():
+        assert torch.equal(v, best[k])
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["best_epoch"] == r.best_epoch and summary["epochs_run"] == 4
+    cfg_back = RunConfig.from_json((run / "config.json").read_text())
+    assert cfg_back.model.input_dim == 64 and cfg_back.model.image_shape == (8, 8)
+
+
+def test_resume_continues_to_same_weights(tmp_path):
+    cfg, X, Xv = prepared(small_cfg(epochs=4))
+    full = train.fit(cfg, X, Xv, progress=False)
+    half = cfg.replace(train={"epochs": 2})
+    train.fit(half, X, Xv, run_dir=tmp_path / "r", progress=False, checkpoint_interval_s=0)
+    resumed = train.fit(cfg, X, Xv, run_dir=tmp_path / "r", resume=True, progress=False)
+    assert resumed.epochs_run == 4
+    lines = (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["epoch"] for l in lines] == [1, 2, 3, 4]
+    assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in full.history]
+
+
+def test_early_stopping_and_warmup():
+    cfg, X, Xv = prepared(small_cfg(epochs=60, patience=2, lr=0.05, warmup_epochs=4))
+    r = train.fit(cfg, X, Xv, progress=False)
+    assert r.stopped_early and r.epochs_run < 60
+    assert r.history[0]["beta"] == pytest.approx(0.25) and r.history[3]["beta"] == pytest.approx(1.0)
+
+
+def test_iwae_objective_trains():
+    cfg, X, Xv = prepared(small_cfg(epochs=3, objective="iwae", iw_samples=5))
+    r = train.fit(cfg, X, Xv, progress=False)
+    assert r.history[-1]["train_loss"] < r.history[0]["train_loss"]
+
+
+def test_nonfinite_loss_stops_with_a_clear_message(tmp_path, monkeypatch):
+    cfg, X, Xv = prepared(small_cfg(epochs=3))
+    X = X.copy()
+    X[5, 3] = np.nan  # bypasses validation, as a corrupted tensor would
+    with pytest.raises(TrainingDiverged) as e:
+        train.fit(cfg, X, Xv, progress=False)
+    msg = str(e.value)
+    assert "epoch 1, step" in msg and "non-finite" in msg and "reconstruction" in msg and "--lr" in msg
+
+
+def test_gaussian_table_data_standardized(table_data):
+    cfg = RunConfig(data=DataConfig(standardize=True), model=ModelConfig(latent_dim=3, hidden=(32,),
+                    likelihood="gaussian"), train=TrainConfig(epochs=3))
+    cfg, X, Xv = train.prepare(cfg, data.Dataset(X=table_data, name="table"))
+    assert cfg.transform is not None and len(cfg.transform.mean) == 12
+    assert abs(float(X.mean())) < 0.2
+    r = train.fit(cfg, X, Xv, progress=False)
+    assert math.isfinite(r.best_val_loss)
