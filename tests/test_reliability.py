@@ -394,7 +394,7 @@ def test_nonfinite_kl_stops_with_epoch_step_term_and_keeps_checkpoint(tmp_path, 
         train_mod.fit(cfg, X, X_val, run_dir=tmp_path / "run", checkpoint_interval_s=0)
     msg = str(e.value)
     assert "epoch 2, step 3" in msg and "(KL term)" in msg and "lower learning rate" in msg
-    assert "ckpt-000001-000000" in msg and "--resume" in msg
+    assert "The last good checkpoint" in msg and "ckpt-000001-000000, is kept" in msg
     monkeypatch.undo()
     # the last good checkpoint and the run's weights still load
     ck.load_checkpoint(tmp_path / "run" / ck.CKPT_DIR / "ckpt-000001-000000")
@@ -409,7 +409,7 @@ def test_infinite_data_past_validation_names_reconstruction_and_step(tmp_path):
     step = int((torch.randperm(len(X), generator=g) == 40).nonzero()) // cfg.train.batch_size + 1
     # inf also reaches the encoder, so the KL term may be named beside the reconstruction term
     with pytest.raises(TrainingDiverged, match=rf"epoch 1, step {step}: the loss became non-finite "
-                                               r"\(reconstruction( and KL)? term\)\. .*no checkpoint was written yet"):
+                                               r"\(reconstruction( and KL)? term\)\. .*No checkpoint had been written yet"):
         train_mod.fit(cfg, X, X_val, run_dir=tmp_path / "run")
 
 

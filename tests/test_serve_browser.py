@@ -66,8 +66,8 @@ def serving(app):
 @pytest.fixture(scope="module")
 def url():
     ds = load_digits()
-    # Thirty epochs on 1500 8x8 digits: seconds, and enough for visible clusters.
-    vae = VAE(latent_dim=4, hidden=(64,)).fit(ds.X, epochs=30, seed=0)
+    # Twenty epochs on 1500 8x8 digits: seconds, and enough for visible clusters.
+    vae = VAE(latent_dim=4, hidden=(64,)).fit(ds.X, epochs=20, seed=0)
     with serving(create_app(vae, ds, allowed_hosts=["127.0.0.1", "localhost"])) as u:
         yield u
 

@@ -335,7 +335,7 @@ def _add_report(sub) -> None:
     p.add_argument("--split", choices=("train", "test"), default="train", help="the data set's own split")
     p.add_argument("--out", type=Path, help="HTML file (default RUN/report.html)")
     p.add_argument("--compare", type=Path, nargs="+", metavar="RUN", help="other runs (seeds) on the same data")
-    p.add_argument("--dims", type=_int_list, help="the two latent dimensions of the latent map, e.g. 0,3 "
+    p.add_argument("--dims", type=_dim_pair, help="the two latent dimensions of the latent map, e.g. 0,3 "
                                                   "(default: the two most active)")
     p.add_argument("--max-points", type=int, default=2000, help="larger data sets are subsampled (seeded)")
     p.add_argument("--seed", type=int, default=0, help="seed for the subsample and every draw")
@@ -343,6 +343,16 @@ def _add_report(sub) -> None:
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the computed figures as JSON")
     p.add_argument("--force", action="store_true", help="overwrite an existing report")
     p.set_defaults(func=cmd_report)
+
+
+def _dim_pair(text: str):
+    try:
+        dims = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two comma-separated latent dimensions, got {text!r}") from None
+    if len(dims) != 2 or min(dims) < 0:
+        raise argparse.ArgumentTypeError(f"expected two latent dimensions >= 0 such as 0,1; got {text!r}")
+    return dims
 
 
 def cmd_report(args) -> int:
@@ -356,7 +366,7 @@ def cmd_report(args) -> int:
     vae, ds = _load_run_and_data(args)
     del vae  # build_report loads the run itself; this checked the run and loaded the data
     rep = build_report(args.run, ds, out, compare_runs=args.compare, seed=args.seed, max_points=args.max_points,
-                       dims=args.dims or None, evaluate=not args.no_eval)
+                       dims=args.dims, evaluate=not args.no_eval)
     num = rep.numbers
     print(f"wrote {rep.path} ({rep.path.stat().st_size / 1e6:.1f} MB, {rep.seconds:.1f} s); "
           f"figures in {args.run / 'figures'}")
@@ -684,27 +694,29 @@ def cmd_serve(args) -> int:
     serve.require_deps()
     import uvicorn
 
-    vae, ds = _load_run_and_data(args)
     if args.max_points < 1:
         from .errors import VaelensError
 
         raise VaelensError(f"--max-points must be >= 1, got {args.max_points}")
-    # On loopback only loopback Host headers are answered: a web page elsewhere cannot reach the
-    # API through DNS rebinding.
-    hosts = ["127.0.0.1", "localhost", "[::1]", "::1"] if args.host in _LOOPBACK else None
-    app = serve.create_app(vae, ds, max_points=args.max_points, seed=args.seed, allowed_hosts=hosts)
+    # Bound first: a busy port is reported before the model and data are loaded.
     sock = _listen(args.host, args.port)
-    port = sock.getsockname()[1]
-    shown = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"vaelens serve: {ds.name}, {ds.n} samples, latent dimension {vae.config_.model.latent_dim}")
-    if hosts is None:
-        print(f"listening on {args.host}, not loopback: anyone who can reach this machine can open the page")
-    print(f"open http://{shown}:{port}/  (Ctrl-C to stop)", flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
     try:
-        server.run(sockets=[sock])
-    except KeyboardInterrupt:
-        pass  # uvicorn re-raises the Ctrl-C it handled once it has shut down
+        vae, ds = _load_run_and_data(args)
+        # On loopback only loopback Host headers are answered: a web page elsewhere cannot reach
+        # the API through DNS rebinding.
+        hosts = ["127.0.0.1", "localhost", "[::1]", "::1"] if args.host in _LOOPBACK else None
+        app = serve.create_app(vae, ds, max_points=args.max_points, seed=args.seed, allowed_hosts=hosts)
+        port = sock.getsockname()[1]
+        shown = f"[{args.host}]" if ":" in args.host else args.host
+        print(f"vaelens serve: {ds.name}, {ds.n} samples, latent dimension {vae.config_.model.latent_dim}")
+        if hosts is None:
+            print(f"listening on {args.host}, not loopback: anyone who can reach this machine can open the page")
+        print(f"open http://{shown}:{port}/  (Ctrl-C to stop)", flush=True)
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
+        try:
+            server.run(sockets=[sock])
+        except KeyboardInterrupt:
+            pass  # uvicorn re-raises the Ctrl-C it handled once it has shut down
     finally:
         sock.close()
     print("stopped")
@@ -887,7 +899,7 @@ def cmd_symmetry(args) -> int:
     unchanged = "unchanged" if r.perm_invariant else "CHANGED"
     flat = [f"z{i}, z{j}" for (i, j), dr, se in zip(r.rotation_planes, r.rotation_drop, r.rotation_drop_se)
             if not dr > 3 * se]
-    rot = ("every rotation lowers it (> 3 s.e.): the latents are pinned down up to signed permutation"
+    rot = ("every rotation tried lowers it (> 3 s.e.): unique at best up to signed permutation"
            if r.rotation_significant else
            f"rotating {'; '.join(flat)} costs no measurable ELBO: within that plane the latents are "
            f"identifiable only up to rotation" if len(r.rotation_drop) else "no rotations tried")

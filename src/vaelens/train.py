@@ -439,7 +439,9 @@ def _diverged_message(epoch: int, step: int, terms, what: str, run_dir: Optional
         if not torch.isfinite(v).all():
             bad.append(name)
     term = f" ({' and '.join(bad)} term)" if bad else (" (both loss terms were finite)" if what == "gradient" else "")
-    kept = f" Nothing was written after the last good state: {_last_checkpoint(run_dir)}." if run_dir else ""
+    found = ck.checkpoint_candidates(run_dir) if run_dir is not None else []
+    kept = (f" The last good checkpoint, {found[0]}, is kept." if found else
+            " No checkpoint had been written yet." if run_dir is not None else "")
     return (f"training diverged at epoch {epoch + 1}, step {step + 1}: the {what} became non-finite"
             f"{term}.{kept} Try a lower learning rate (--lr), gradient "
             f"clipping (--grad-clip 1.0), a larger sigma floor (--sigma-floor), or standardizing the data "
