@@ -17,8 +17,8 @@ from vaelens.posterior import aggregate_monte_carlo, aggregate_posterior, point_
 
 @pytest.fixture(scope="module")
 def digits_vae():
-    X = load_digits().X[:400]
-    return VAE(latent_dim=3, hidden=(16,), batch_size=100).fit(X, epochs=8, seed=0), X
+    X = load_digits().X[:300]
+    return VAE(latent_dim=3, hidden=(16,), batch_size=100).fit(X, epochs=3, seed=0), X
 
 
 # --- point clouds ------------------------------------------------------------------------------
