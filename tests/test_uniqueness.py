@@ -20,7 +20,12 @@ from vaelens.uniqueness import (PERMUTATION_RTOL, batch_invariance, compare, lin
 @pytest.fixture(scope="module")
 def digits_vae():
     X = load_digits().X[:300]
-    return VAE(latent_dim=3, hidden=(16,), batch_size=100).fit(X, epochs=3, seed=0), X
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: a second thread only adds synchronisation on a busy machine
+    try:
+        return VAE(latent_dim=3, hidden=(16,), batch_size=100).fit(X, epochs=3, seed=0), X
+    finally:
+        torch.set_num_threads(threads)
 
 
 # --- within one model --------------------------------------------------------------------------
@@ -101,8 +106,9 @@ def test_compare_separates_rotation_and_unrelated_codes():
     mu, sigma = _codes()
     R = plane_rotation(3, 0, 1)
     rot = compare(mu, mu @ R.T, sigma, sigma)
-    # 45 degrees in a plane: the best matched |corr| there is about 0.7, but a linear map recovers it exactly
-    assert rot.mcc_pearson < 0.9 and min(rot.r2_ab, rot.r2_ba) > 0.999 and rot.cka < 1
+    # 45 degrees in the (0, 1) plane: matched |corr| there is about 0.7 (MCC ~0.8), but a linear map recovers it exactly
+    assert rot.mcc_pearson < 0.9 and min(rot.r2_ab, rot.r2_ba) > 0.999
+    assert rot.cka == pytest.approx(1.0)  # linear CKA cannot see an orthogonal map
     assert "linear map" in rot.verdict()
     other, _ = _codes(seed=5)
     # independent codes: held-out correlations are ~N(0, 1/500); 0.2 is many standard errors away
@@ -136,7 +142,12 @@ def _linear_vae(gt, seed):
     # represent PPCA's exact posterior; the decoder scale is fixed at the true noise.
     vae = VAE(latent_dim=gt.W.shape[1], hidden=(), likelihood="gaussian", gaussian_scale="fixed",
               fixed_scale=gt.noise_std, lr=1e-2, batch_size=200, val_fraction=0.0)
-    return vae.fit(gt.X, epochs=150, seed=seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 6x2 matrices: a second thread only adds synchronisation on a busy machine
+    try:
+        return vae.fit(gt.X, epochs=150, seed=seed)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -323,9 +323,9 @@ def _after_train_report(run_dir, args) -> None:
 def _add_report(sub) -> None:
     p = sub.add_parser("report", help="write a self-contained HTML report with every figure of a run",
                        formatter_class=_Formatter,
-                       description="One HTML file (figures embedded, no network) showing the run, reconstructions, "
-                                   "the latent map with per-sample ellipses, point clouds, the aggregate posterior "
-                                   "against the prior and, with --compare, the agreement across seeds. The figures "
+                       description="One HTML file (figures embedded, no network) showing the run, reconstructions,\n"
+                                   "the latent map with per-sample ellipses, point clouds, the aggregate posterior\n"
+                                   "against the prior and, with --compare, the agreement across seeds. The figures\n"
                                    "are also saved as PNG in RUN/figures/.",
                        epilog="examples:\n  vaelens report runs/digits-...\n"
                               "  vaelens report runs/seeds/seed-0 --compare runs/seeds/seed-1 runs/seeds/seed-2\n"
@@ -934,12 +934,13 @@ def _add_compare(sub) -> None:
 
 
 def cmd_compare(args) -> int:
-    from .api import VAE
     from .errors import VaelensError
-    from .uniqueness import compare
 
     if len(args.runs) < 2:
         raise VaelensError("compare needs at least two run directories")
+    from .api import VAE
+    from .uniqueness import compare
+
     out = _out_path(args.json, args.force) if args.json is not None else None
     args.run = args.runs[0]
     vae0, ds = _load_run_and_data(args)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import html
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -201,6 +202,9 @@ def build_report(run_dir: Union[str, Path], data: Union[Dataset, np.ndarray, Non
     run_dir = Path(run_dir)
     vae = VAE.load(run_dir)
     cfg = vae.config_
+    d = cfg.model.latent_dim
+    if dims is not None and (len(dims) != 2 or not all(0 <= j < d for j in dims) or dims[0] == dims[1]):
+        raise VaelensError(f"latent map dims must be two different dimensions in 0..{d - 1}, got {tuple(dims)}")
     ds = _dataset(data, cfg, data_mod)
     out_path = Path(out_path) if out_path is not None else run_dir / DEFAULT_NAME
     fig_dir = run_dir / FIGURES
@@ -215,7 +219,6 @@ def build_report(run_dir: Union[str, Path], data: Union[Dataset, np.ndarray, Non
     say(f"encoding {ds.n} samples")
     post = vae.encode(ds.X)
     mu, sigma = post.mu, post.sigma                                          # (n, d)
-    d = mu.shape[1]
     n_active, activity = active_units(mu)                                    # activity (d,) = Var_x mu
     order = np.argsort(-activity, kind="stable")
     numbers: dict = {"n_points": ds.n, "latent_dim": d, "activity": activity, "active_units": n_active,
@@ -241,6 +244,10 @@ def build_report(run_dir: Union[str, Path], data: Union[Dataset, np.ndarray, Non
     text = page.render(f"vaelens report: {run_dir.name}", header)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     ck.atomic_write_text(out_path, text)
+    # atomic writes create private files; a report is meant to be opened and shared like any other page
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(out_path, 0o666 & ~umask)
     return Report(path=out_path, figures=dict(page.figures),
                   sections={s.id: s.skipped for s in page.sections}, notes=notes,
                   numbers=_jsonable(numbers), seconds=time.perf_counter() - t0)
@@ -374,7 +381,7 @@ def _section_table(page, vae, ds, seed, say):
     gen = vae.generate(min(ds.n, 1000), seed=seed)
     page.figure(s, "scatter_matrix", scatter_matrix_figure(ds.X, names, gen),
                 "data against decoder means of draws from the prior"
-                + (f"; first 5 of {ds.p} features" if ds.p > 5 else ""))
+                + (f"; first 4 of {ds.p} features" if ds.p > 4 else ""))
     cols = list(range(min(ds.p, 8)))
     rows = []
     for i in range(min(ds.n, 5)):
@@ -394,8 +401,6 @@ def _section_latent_map(page, ds, mu, sigma, activity, order, dims, n_ellipses, 
             return
         dims = (int(order[0]), int(order[1]))
     dims = tuple(int(j) for j in dims)
-    if len(dims) != 2 or not all(0 <= j < d for j in dims) or dims[0] == dims[1]:
-        raise VaelensError(f"latent map dims must be two different dimensions in 0..{d - 1}, got {dims}")
     say("latent map")
     k = min(n_ellipses, ds.n)
     idx = np.sort(rng.choice(ds.n, k, replace=False))

@@ -257,6 +257,8 @@ def symmetry_report(module, X, seed: int = 0, n_samples: int = 16, n_rotations: 
     rng = np.random.default_rng(seed)
     perm = rng.permutation(d)
     signs = rng.choice([-1.0, 1.0], size=d)
+    if (perm == np.arange(d)).all() and (signs > 0).all():
+        signs[rng.integers(d)] = -1.0  # the identity would test nothing
     g = torch.Generator().manual_seed(seed)
     eps = torch.randn((n_samples, n, d), generator=g, dtype=torch.float64).to(x.device)   # (S, n, d)
     pm = signed_permutation(base, perm, signs)
