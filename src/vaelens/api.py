@@ -23,7 +23,7 @@ from .errors import ConfigError, DataError, VaelensError
 from .evaluate import Evaluation
 from .evaluate import evaluate as _evaluate
 from .evaluate import iwae_log_likelihood as _iwae_log_likelihood
-from .model import VAEModule
+from .model import VAEModule, seeded
 from .train import fit as _fit
 from .train import prepare as _prepare
 
@@ -181,7 +181,7 @@ class VAE:
             raise ConfigError(f"n_samples must be >= 1, got {n_samples}")
         Xt = self._tensor(X)
         self.module_.eval()
-        with torch.inference_mode(), _seeded(seed, Xt.device):
+        with torch.inference_mode(), seeded(seed, Xt.device):
             z = self.module_.encoder(Xt).rsample((n_samples,))               # (S, n, d)
         return z.cpu().numpy()
 
@@ -218,7 +218,7 @@ class VAE:
         Xt = self._tensor(X)
         out = []
         self.module_.eval()
-        with torch.inference_mode(), _seeded(seed, Xt.device):
+        with torch.inference_mode(), seeded(seed, Xt.device):
             for i in range(0, len(Xt), batch_size):
                 out.append(self.module_.terms(Xt[i:i + batch_size], n_samples=n_samples).elbo)
         return torch.cat(out).double().cpu().numpy()
@@ -348,24 +348,3 @@ def _as_dataset(X: ArrayLike, where: str, image_shape) -> Dataset:
     if image_shape is not None:
         ds.image_shape = tuple(image_shape)
     return ds
-
-
-class _seeded:
-    """Seed torch's generator for a block without disturbing the caller's stream (no-op for None)."""
-
-    def __init__(self, seed: Optional[int], device: torch.device):
-        self.seed, self.device = seed, device
-
-    def __enter__(self):
-        if self.seed is None:
-            return self
-        devices = [self.device] if self.device.type == "cuda" else []
-        self._fork = torch.random.fork_rng(devices=devices)
-        self._fork.__enter__()
-        torch.manual_seed(self.seed)
-        return self
-
-    def __exit__(self, *exc):
-        if self.seed is not None:
-            self._fork.__exit__(*exc)
-        return False

@@ -21,7 +21,7 @@ import torch
 from torch.distributions import Bernoulli
 
 from .errors import ConfigError, DataError
-from .model import VAEModule
+from .model import VAEModule, seeded
 
 LOG_2PI = math.log(2 * math.pi)
 ACTIVE_THRESHOLD = 0.01  # Burda et al. 2016: a unit is active when Cov_x(E_q[z_u]) exceeds this
@@ -135,7 +135,7 @@ def elbo_terms(module: VAEModule, X: ArrayLike, n_samples: int = 1, batch_size: 
     x_all = _as_tensor(module, X)
     parts = {"elbo": [], "rec": [], "kl": [], "kl_dim": []}
     module.eval()
-    with torch.inference_mode(), _seeded(seed, x_all.device):
+    with torch.inference_mode(), seeded(seed, x_all.device):
         for i in range(0, len(x_all), batch_size):
             t = module.terms(x_all[i:i + batch_size], n_samples=n_samples)
             for k in parts:
@@ -188,7 +188,7 @@ def iwae_log_likelihood(module: VAEModule, X: ArrayLike, k: int = 5000, *, chunk
         bar = tqdm(total=n, desc=f"IWAE k={k}", unit="sample", dynamic_ncols=True)
     out = []
     module.eval()
-    with torch.inference_mode(), _seeded(seed, x_all.device):
+    with torch.inference_mode(), seeded(seed, x_all.device):
         for i in range(0, n, batch_size):
             x = x_all[i:i + batch_size]                                      # (b, p)
             qz = module.encoder(x)
@@ -365,23 +365,3 @@ def _as_tensor(module: VAEModule, X: ArrayLike) -> torch.Tensor:
     if x.ndim != 2:
         raise DataError(f"X: expected shape (n, p), got {tuple(x.shape)}")
     return x
-
-
-class _seeded:
-    """Seed torch's generator for a block without disturbing the caller's stream (no-op for None)."""
-
-    def __init__(self, seed: Optional[int], device: torch.device):
-        self.seed, self.device = seed, device
-
-    def __enter__(self):
-        if self.seed is None:
-            return self
-        self._fork = torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
-        self._fork.__enter__()
-        torch.manual_seed(self.seed)
-        return self
-
-    def __exit__(self, *exc):
-        if self.seed is not None:
-            self._fork.__exit__(*exc)
-        return False

@@ -7,6 +7,7 @@ callers average.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -14,11 +15,14 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributions import Bernoulli, ContinuousBernoulli, Distribution, Normal
+from torch.distributions import Bernoulli, ContinuousBernoulli, Distribution, Normal, kl_divergence
 
 from .config import ModelConfig
 from .errors import ConfigError
 
+# sigma is capped here, 10^4 prior standard deviations: beyond it nothing is learnable, and sigma^2 in the
+# KL would overflow float32 (sigma > 1.8e19, from extreme inputs), turning the KL into inf - inf = NaN.
+SIGMA_MAX = 1e4
 # Decoder scales below this make the Gaussian log-likelihood unbounded as a pixel's error goes to 0.
 GAUSSIAN_SCALE_FLOOR = 1e-3
 
@@ -26,6 +30,21 @@ _ACTIVATIONS = {
     "relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "gelu": nn.GELU,
     "silu": nn.SiLU, "softplus": nn.Softplus, "leaky_relu": nn.LeakyReLU,
 }
+
+
+@contextlib.contextmanager
+def seeded(seed: Optional[int], device: torch.device):
+    """Seed torch's generator for a block without disturbing the caller's stream (no-op for None).
+
+    Inference-time draws (validation, encoding with samples, evaluation) use this, so they are
+    reproducible and leave the training stream exactly where it was.
+    """
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 def mlp(sizes, activation: str, last_activation: bool = True) -> nn.Sequential:
@@ -41,8 +60,9 @@ def mlp(sizes, activation: str, last_activation: bool = True) -> nn.Sequential:
 class Encoder(nn.Module):
     """x -> trunk -> x̃ -> two heads -> q(z|x) = Normal(mu(x), sigma(x)).
 
-    sigma = softplus(sigma_head(x̃)) + sigma_floor: softplus keeps it positive with a gradient
-    everywhere, and the floor keeps log sigma and the KL finite when a head saturates.
+    sigma = min(softplus(sigma_head(x̃)), SIGMA_MAX) + sigma_floor: softplus keeps it positive with a
+    gradient everywhere, the floor keeps log sigma and the KL finite when a head saturates, and the
+    cap keeps sigma^2 inside float32 for extreme inputs.
     No batch-dependent layers: mu(x) and sigma(x) depend on x alone.
     """
 
@@ -71,7 +91,7 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> Normal:
         xt = self.trunk(x)                                                   # (n, width): x̃
         mu = self.mu_head(xt)                                                # (n, d)
-        sigma = F.softplus(self.sigma_head(xt)) + self.sigma_floor           # (n, d)
+        sigma = F.softplus(self.sigma_head(xt)).clamp(max=SIGMA_MAX) + self.sigma_floor  # (n, d)
         return Normal(mu, sigma, validate_args=False)
 
 
@@ -123,18 +143,6 @@ class Decoder(nn.Module):
         return Normal(out, scale.expand_as(out), validate_args=False)
 
 
-def kl_normal(q: Normal, p: Normal) -> torch.Tensor:
-    """KL(q || p) between diagonal Normals, elementwise (broadcast batch shape).
-
-    torch's version takes log((sigma_q / sigma_p)^2), which is log(inf) = inf and then
-    inf - inf = NaN once sigma_q passes ~1e19 (extreme inputs); subtracting the logs of the
-    scales keeps the result +inf there, never NaN, and equal to it elsewhere up to rounding.
-    """
-    r = q.scale / p.scale
-    t = (q.loc - p.loc) / p.scale
-    return 0.5 * (r.square() + t.square() - 1) - (q.scale.log() - p.scale.log())
-
-
 @dataclass
 class Terms:
     """Per-sample loss terms, all shape (n,) except `kl_dim` (n, d)."""
@@ -177,7 +185,7 @@ class VAEModule(nn.Module):
         z = qz.rsample((n_samples,))                                         # (S, n, d)
         px = self.decoder(z)                                                 # batch (S, n, p)
         rec = px.log_prob(target).sum(-1).mean(0)                            # (n,)
-        kl_dim = kl_normal(qz, self.prior())                                 # (n, d)
+        kl_dim = kl_divergence(qz, self.prior())                                 # (n, d)
         kl = kl_dim.sum(-1)                                                  # (n,)
         return Terms(rec=rec, kl=kl, kl_dim=kl_dim, elbo=rec - kl)
 
@@ -194,7 +202,7 @@ class VAEModule(nn.Module):
             lw, qz, log_px = self._log_weights(x, iw_samples, target)       # (K, n), batch (n, d), (K, n)
             bound = torch.logsumexp(lw, 0) - math.log(iw_samples)            # (n,)
             with torch.no_grad():
-                kl_dim = kl_normal(qz, self.prior())                         # (n, d)
+                kl_dim = kl_divergence(qz, self.prior())                         # (n, d)
                 rec = log_px.mean(0)
                 terms = Terms(rec=rec, kl=kl_dim.sum(-1), kl_dim=kl_dim, elbo=rec - kl_dim.sum(-1))
             return -bound.mean(), terms

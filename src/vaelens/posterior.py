@@ -26,6 +26,7 @@ from scipy import stats
 from .errors import ConfigError, DataError
 from .evaluate import ACTIVE_THRESHOLD, aggregate_posterior_stats
 from .evaluate import active_units as _active_units
+from .model import seeded
 
 
 def _jsonable(d: dict) -> dict:
@@ -152,9 +153,7 @@ def point_cloud_check(module, X, indices: Sequence[int], n_samples: int = 2000, 
         raise DataError(f"indices must be in 0..{len(Xt) - 1}, got {idx.min()}..{idx.max()}")
     warn_batch_dependent(module)
     module.eval()
-    devices = [Xt.device] if Xt.device.type == "cuda" else []
-    with torch.inference_mode(), torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+    with torch.inference_mode(), seeded(seed, Xt.device):
         qz = module.encoder(Xt[torch.as_tensor(idx, device=Xt.device)])     # batch (k, d)
         z = qz.rsample((n_samples,))                                         # (S, k, d)
     z = z.double().cpu().numpy()

@@ -25,7 +25,7 @@ from . import dist
 from .config import RunConfig
 from .data import Dataset
 from .errors import CheckpointError, ConfigError, TrainingDiverged, VaelensError
-from .model import VAEModule
+from .model import VAEModule, seeded
 
 _VAL_SEED_OFFSET = 7_919  # validation noise is seeded apart from the training stream
 
@@ -453,10 +453,8 @@ def validation_terms(module: VAEModule, X: torch.Tensor, seed: int, batch_size: 
     """Mean ELBO terms on X with noise seeded apart from the training stream (eval mode)."""
     was_training = module.training
     module.eval()
-    devices = [X.device] if X.device.type == "cuda" else []
     tot = torch.zeros(3, dtype=torch.float64, device=X.device)
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+    with seeded(seed, X.device):
         for i in range(0, len(X), batch_size):
             tm = module.terms(X[i:i + batch_size])
             tot += torch.stack([tm.elbo.double().sum(), tm.rec.double().sum(), tm.kl.double().sum()])

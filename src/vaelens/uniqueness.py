@@ -21,10 +21,9 @@ import numpy as np
 import torch
 from scipy import stats
 from scipy.optimize import linear_sum_assignment
-from torch.distributions import Normal
+from torch.distributions import Normal, kl_divergence
 
 from .errors import ConfigError, DataError
-from .model import kl_normal
 from .posterior import _as_tensor, _jsonable, active_units, warn_batch_dependent
 
 # Per-sample relative ELBO change allowed under a signed permutation: the map is exact, and the
@@ -174,7 +173,7 @@ def elbo_with_noise(module, x: torch.Tensor, eps: torch.Tensor, sigma: Optional[
     z = qz.loc + qz.scale * eps                                              # (S, n, d)
     px = module.decoder(z)                                                   # batch (S, n, p)
     rec = px.log_prob(x).sum(-1).mean(0)                                     # (n,)
-    kl = kl_normal(qz, module.prior()).sum(-1)                           # (n,)
+    kl = kl_divergence(qz, module.prior()).sum(-1)                           # (n,)
     return rec - kl
 
 
