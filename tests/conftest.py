@@ -38,3 +38,18 @@ def table_data():
     W = rng.normal(size=(3, 12))
     X = np.tanh(z @ W) * 3 + 0.1 * rng.normal(size=(600, 12)) + 5
     return X.astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def digits_vae():
+    """A tiny VAE fitted on 300 digits in a few epochs, and that data: for tests of what any model satisfies."""
+    from vaelens import VAE
+    from vaelens.data import load_digits
+
+    X = load_digits().X[:300]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: a second thread only adds synchronisation
+    try:
+        return VAE(latent_dim=3, hidden=(16,), batch_size=100).fit(X, epochs=3, seed=0), X
+    finally:
+        torch.set_num_threads(threads)

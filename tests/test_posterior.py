@@ -8,24 +8,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from vaelens import VAE
-from vaelens.data import load_digits
 from vaelens.errors import DataError
 from vaelens.groundtruth import exact_posterior, orthogonal_loadings, ppca
 from vaelens.posterior import aggregate_monte_carlo, aggregate_posterior, point_cloud_check
-
-
-@pytest.fixture(scope="module")
-def digits_vae():
-    import torch
-
-    X = load_digits().X[:300]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model: a second thread only adds synchronisation on a busy machine
-    try:
-        return VAE(latent_dim=3, hidden=(16,), batch_size=100).fit(X, epochs=3, seed=0), X
-    finally:
-        torch.set_num_threads(threads)
 
 
 # --- point clouds ------------------------------------------------------------------------------

@@ -1,14 +1,11 @@
 """`vaelens serve`: the JSON API over a real loopback server, and the command itself."""
 
-import contextlib
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -20,32 +17,11 @@ httpx = pytest.importorskip("httpx")
 from vaelens import VAE  # noqa: E402
 from vaelens.data import Dataset, load_digits  # noqa: E402
 from vaelens.errors import VaelensError  # noqa: E402
+from _server import serving  # noqa: E402
 from vaelens.serve import MAX_BATCH, MAX_DRAWS, Explorer, create_app, require_deps  # noqa: E402
 
 N = 600
 D = 3
-
-
-@contextlib.contextmanager
-def serving(app):
-    """Run `app` on uvicorn in a thread, on a free loopback port; yields its base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(16)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,8 @@ Skipped where playwright or /usr/bin/chromium is missing (`.ci/run` installs bot
 to regenerate the README's screenshot; the test always saves one under its tmp_path.
 """
 
-import contextlib
 import os
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -38,29 +34,8 @@ pytestmark = [
 
 from vaelens import VAE  # noqa: E402
 from vaelens.data import Dataset, load_digits  # noqa: E402
+from _server import serving  # noqa: E402
 from vaelens.serve import create_app  # noqa: E402
-
-
-@contextlib.contextmanager
-def serving(app):
-    """Run `app` on uvicorn in a thread, on a free loopback port; yields its base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(16)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}/"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +44,7 @@ def url():
     # Twenty epochs on 1500 8x8 digits: seconds, and enough for visible clusters.
     vae = VAE(latent_dim=4, hidden=(64,)).fit(ds.X, epochs=20, seed=0)
     with serving(create_app(vae, ds, allowed_hosts=["127.0.0.1", "localhost"])) as u:
-        yield u
+        yield u + "/"
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +172,7 @@ def test_tables_show_decoded_feature_values(browser):
     vae = VAE(latent_dim=2, hidden=(8,), likelihood="gaussian", standardize=True).fit(X, epochs=2, seed=0)
     errors = []
     with serving(create_app(vae, ds)) as u:
-        page = _open(browser, u, errors)
+        page = _open(browser, u + "/", errors)
         try:
             assert not page.locator("#images").is_visible()
             names = page.eval_on_selector_all("#features tbody td:first-child", "t => t.map(x => x.textContent)")
@@ -210,8 +185,8 @@ def test_tables_show_decoded_feature_values(browser):
                 page.wait_for_function(
                     f"(() => {{ const z = window.vaelens.state.pointerZ; "
                     f"return z && Math.abs(z[0] - {u_}) < 0.1; }})()")
-                page.wait_for_function(f"window.vaelens.state.decoded && document.querySelector('#features td.decoded')"
-                                       f".textContent !== ''")
+                page.wait_for_function("window.vaelens.state.decoded && document.querySelector('#features td.decoded')"
+                                       ".textContent !== ''")
                 page.wait_for_timeout(200)
                 values.append(page.eval_on_selector_all("#features td.decoded", "t => t.map(x => x.textContent)"))
             assert values[0] != values[1] and all(v.strip() for v in values[1])

@@ -9,23 +9,11 @@ import pytest
 import torch
 
 from vaelens import VAE
-from vaelens.data import load_digits
 from vaelens.errors import ConfigError
 from vaelens.groundtruth import ppca
 from vaelens.posterior import batch_dependent_layers
 from vaelens.uniqueness import (PERMUTATION_RTOL, batch_invariance, compare, linear_cka, plane_rotation, rotate,
                                 signed_permutation, symmetry_report)
-
-
-@pytest.fixture(scope="module")
-def digits_vae():
-    X = load_digits().X[:300]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model: a second thread only adds synchronisation on a busy machine
-    try:
-        return VAE(latent_dim=3, hidden=(16,), batch_size=100).fit(X, epochs=3, seed=0), X
-    finally:
-        torch.set_num_threads(threads)
 
 
 # --- within one model --------------------------------------------------------------------------

@@ -75,6 +75,17 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     g.add_argument("--columns", type=_str_list, help="comma-separated feature columns of a table")
     g.add_argument("--label-column", help="table column (or .npz key) with labels; kept out of the features")
 
+def _add_run_args(p: argparse.ArgumentParser, split: str = "train") -> None:
+    """RUN, the data options and --split: what every command that reads a run and its data takes."""
+    p.add_argument("run", type=Path, help="run directory")
+    _add_data_args(p)
+    p.add_argument("--split", choices=("train", "test"), default=split, help="the data set's own split")
+
+
+def _add_json_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--force", action="store_true", help="overwrite an existing JSON file")
+
 
 def _data_config(args, base=None):
     from .config import DataConfig
@@ -330,9 +341,7 @@ def _add_report(sub) -> None:
                        epilog="examples:\n  vaelens report runs/digits-...\n"
                               "  vaelens report runs/seeds/seed-0 --compare runs/seeds/seed-1 runs/seeds/seed-2\n"
                               "  vaelens report RUN --data test.csv --out test-report.html --json report.json\n")
-    p.add_argument("run", type=Path, help="run directory")
-    _add_data_args(p)
-    p.add_argument("--split", choices=("train", "test"), default="train", help="the data set's own split")
+    _add_run_args(p)
     p.add_argument("--out", type=Path, help="HTML file (default RUN/report.html)")
     p.add_argument("--compare", type=Path, nargs="+", metavar="RUN", help="other runs (seeds) on the same data")
     p.add_argument("--dims", type=_dim_pair, help="the two latent dimensions of the latent map, e.g. 0,3 "
@@ -403,9 +412,7 @@ def _add_encode(sub) -> None:
                        formatter_class=_Formatter,
                        epilog="examples:\n  vaelens encode runs/digits-... --out posterior.npz\n"
                               "  vaelens encode RUN --data test.csv --out post.csv --samples 10\n")
-    p.add_argument("run", type=Path, help="run directory")
-    _add_data_args(p)
-    p.add_argument("--split", choices=("train", "test"), default="train", help="the data set's own split")
+    _add_run_args(p)
     p.add_argument("--out", type=Path, required=True, help="output .npz, .csv or .parquet")
     p.add_argument("--samples", type=int, default=0, help="also write K reparameterized z per sample")
     p.add_argument("--seed", type=int, default=0, help="seed for the z samples")
@@ -577,9 +584,7 @@ def _add_evaluate(sub) -> None:
         epilog="examples:\n  vaelens evaluate runs/digits-...\n"
                "  vaelens evaluate runs/mnist-... --data-dir ~/data/mnist --iw-samples 5000 --json eval.json\n"
                "  vaelens evaluate RUN --split train --limit 1000 --iw-samples 100\n")
-    p.add_argument("run", type=Path, help="run directory")
-    _add_data_args(p)
-    p.add_argument("--split", choices=("train", "test"), default="test", help="the data set's own split")
+    _add_run_args(p, split="test")
     p.add_argument("--iw-samples", type=int, default=5000, help="importance samples K for log p(x); 0 skips it")
     p.add_argument("--limit", type=int, help="evaluate only the first N samples")
     p.add_argument("--seed", type=int, default=0, help="seed for every random draw (and the binarization)")
@@ -652,9 +657,7 @@ def _add_serve(sub) -> None:
                                    "of z, the decoder's output under the pointer, the aggregate posterior.",
                        epilog="examples:\n  vaelens serve runs/digits-...\n"
                               "  vaelens serve runs/mnist-... --data mnist --data-dir ~/data/mnist --port 8080\n")
-    p.add_argument("run", type=Path, help="run directory")
-    _add_data_args(p)
-    p.add_argument("--split", choices=("train", "test"), default="train", help="the data set's own split")
+    _add_run_args(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; anything but loopback exposes the page to your network")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
@@ -756,9 +759,7 @@ def _add_check(sub) -> None:
                     "Bonferroni-combined at --level.",
         epilog="examples:\n  vaelens check runs/digits-...\n  vaelens check RUN --indices 0,5,9 --samples 5000\n"
                "  vaelens check RUN --data table.csv --n 20 --json check.json\n")
-    p.add_argument("run", type=Path, help="run directory")
-    _add_data_args(p)
-    p.add_argument("--split", choices=("train", "test"), default="train", help="the data set's own split")
+    _add_run_args(p)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--indices", type=lambda t: tuple(int(v) for v in t.split(",") if v.strip()),
                    help="comma-separated rows to check")
@@ -766,8 +767,7 @@ def _add_check(sub) -> None:
     p.add_argument("--samples", type=int, default=2000, help="draws S per sample")
     p.add_argument("--level", type=float, default=0.01, help="overall significance level of the verdict")
     p.add_argument("--seed", type=int, default=0, help="seed for the rows chosen and the draws")
-    p.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
-    p.add_argument("--force", action="store_true", help="overwrite an existing JSON file")
+    _add_json_args(p)
     p.set_defaults(func=cmd_check)
 
 
@@ -812,14 +812,11 @@ def _add_posterior(sub) -> None:
                     "a sample, each checked against a Monte Carlo sample of the mixture; and q(z)'s distance "
                     "from the prior N(0, I).",
         epilog="examples:\n  vaelens posterior runs/digits-...\n  vaelens posterior RUN --draws 100000 --json agg.json\n")
-    p.add_argument("run", type=Path, help="run directory")
-    _add_data_args(p)
-    p.add_argument("--split", choices=("train", "test"), default="train", help="the data set's own split")
+    _add_run_args(p)
     p.add_argument("--limit", type=int, help="use only the first N samples")
     p.add_argument("--draws", type=int, default=50000, help="Monte Carlo draws from the mixture")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
-    p.add_argument("--force", action="store_true", help="overwrite an existing JSON file")
+    _add_json_args(p)
     p.set_defaults(func=cmd_posterior)
 
 
@@ -841,7 +838,7 @@ def cmd_posterior(args) -> int:
         print(f"  z{j:<3} {agg.mean[j]:8.3f} {agg.between[j]:9.4f} {agg.within[j]:9.4f} {agg.total[j]:8.4f} "
               f"{100 * agg.share_between[j]:7.1f}% {mc.cov[j, j]:9.4f} {mc.var_se[j]:7.4f} {mc.var_err_z[j]:6.2f}"
               f"{'' if agg.active[j] else '  inactive'}")
-    print(f"  between = Var(mu) / total: the share of a latent's variance that tells samples apart")
+    print("  between = Var(mu) / total: the share of a latent's variance that tells samples apart")
     print(f"  KL(N(mean, cov) || N(0, I)), moment-matched: {agg.kl_moment_matched:.4f} nats (a lower bound)")
     print(f"  KL(q(z) || N(0, I)), Monte Carlo:          {mc.kl_mixture:.4f} ± {mc.kl_mixture_se:.4f} nats")
     print(f"  mean KL(q(z|x) || p(z)) (the ELBO's term): {agg.mean_kl:.4f} nats; I(x; z) = {mc.mutual_info:.4f}")
@@ -863,15 +860,12 @@ def _add_symmetry(sub) -> None:
                     "random rotations: the prior is unchanged, but a diagonal posterior cannot follow, so the "
                     "ELBO drops. Computed in float64 with the same noise mapped through each symmetry.",
         epilog="examples:\n  vaelens symmetry runs/digits-...\n  vaelens symmetry RUN --rotations 5 --json sym.json\n")
-    p.add_argument("run", type=Path, help="run directory")
-    _add_data_args(p)
-    p.add_argument("--split", choices=("train", "test"), default="train", help="the data set's own split")
+    _add_run_args(p)
     p.add_argument("--limit", type=int, default=2000, help="use the first N samples")
     p.add_argument("--rotations", type=int, default=3, help="random rotations to try")
     p.add_argument("--samples", type=int, default=16, help="draws of z per sample for the ELBO")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
-    p.add_argument("--force", action="store_true", help="overwrite an existing JSON file")
+    _add_json_args(p)
     p.set_defaults(func=cmd_symmetry)
 
 
@@ -928,8 +922,7 @@ def _add_compare(sub) -> None:
     p.add_argument("--split", choices=("train", "test"), default="train", help="the data set's own split")
     p.add_argument("--limit", type=int, help="use only the first N samples")
     p.add_argument("--seed", type=int, default=0, help="seed for the matching/scoring split")
-    p.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
-    p.add_argument("--force", action="store_true", help="overwrite an existing JSON file")
+    _add_json_args(p)
     p.set_defaults(func=cmd_compare)
 
 

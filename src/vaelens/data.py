@@ -309,8 +309,8 @@ def _load_problem(e: Exception, kind: str) -> str:
     """One line on why numpy could not load a file; pickled (object) arrays are refused, never unpickled."""
     msg = " ".join(str(e).split()) or type(e).__name__
     if "allow_pickle" in msg or "pickle" in msg.lower():
-        return (f"holds a pickled (object) array, which cannot be read without unpickling; vaelens refuses "
-                f"because unpickling can run code. Save plain numbers (e.g. X.astype('float32'))")
+        return ("holds a pickled (object) array, which cannot be read without unpickling; vaelens refuses "
+                "because unpickling can run code. Save plain numbers (e.g. X.astype('float32'))")
     return f"not a readable {kind} file ({msg})"
 
 

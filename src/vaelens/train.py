@@ -24,7 +24,7 @@ from . import data as data_mod
 from . import dist
 from .config import RunConfig
 from .data import Dataset
-from .errors import CheckpointError, ConfigError, TrainingDiverged, VaelensError
+from .errors import CheckpointError, ConfigError, TrainingDiverged
 from .model import VAEModule, seeded
 
 _VAL_SEED_OFFSET = 7_919  # validation noise is seeded apart from the training stream
