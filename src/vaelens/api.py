@@ -21,6 +21,7 @@ from .config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from .data import Dataset
 from .errors import ConfigError, DataError, VaelensError
 from .evaluate import Evaluation
+from .evaluate import encode_all as _encode_all
 from .evaluate import evaluate as _evaluate
 from .evaluate import iwae_log_likelihood as _iwae_log_likelihood
 from .model import VAEModule, seeded
@@ -160,16 +161,10 @@ class VAE:
         return next(self.module_.parameters()).device
 
     def encode(self, X: ArrayLike, batch_size: int = 4096) -> Posterior:
-        """Per-sample posterior q(z|x): mu and sigma of shape (n, d)."""
+        """Per-sample posterior q(z|x): mu and sigma of shape (n, d), float32."""
         Xt = self._tensor(X)
-        mus, sigmas = [], []
-        self.module_.eval()
-        with torch.inference_mode():
-            for i in range(0, len(Xt), batch_size):
-                qz = self.module_.encoder(Xt[i:i + batch_size])
-                mus.append(qz.loc)
-                sigmas.append(qz.scale)
-        return Posterior(mu=torch.cat(mus).cpu().numpy(), sigma=torch.cat(sigmas).cpu().numpy())
+        mu, sigma = _encode_all(self.module_, Xt, batch_size=batch_size)
+        return Posterior(mu=mu.astype(np.float32), sigma=sigma.astype(np.float32))
 
     def transform(self, X: ArrayLike) -> np.ndarray:
         """The posterior means mu(x), shape (n, d): the usual latent representation."""
