@@ -96,3 +96,15 @@ def test_gaussian_table_data_standardized(table_data):
     assert abs(float(X.mean())) < 0.2
     r = train.fit(cfg, X, Xv, progress=False)
     assert math.isfinite(r.best_val_loss)
+
+
+def test_dynamic_binarization_is_seeded_and_unbiased():
+    X = torch.full((20000, 5), 0.25)
+    a = train.binarize_dynamic(X, seed=3, parts=4)
+    assert torch.equal(a, train.binarize_dynamic(X, seed=3, parts=4))
+    assert not torch.equal(a, train.binarize_dynamic(X, seed=4, parts=4))
+    assert set(a.unique().tolist()) <= {0.0, 1.0}
+    # 100000 Bernoulli(0.25) draws: the mean's standard error is 0.0014; allow five of them
+    assert abs(a.mean().item() - 0.25) < 0.007
+    # each block has its own stream: no two blocks repeat each other
+    assert not torch.equal(a[:5000], a[5000:10000])
