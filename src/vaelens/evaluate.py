@@ -32,6 +32,19 @@ ROWS_PER_CALL = 8192
 _MIXTURE_BLOCK = 4_000_000
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
+# glibc serves the decoder's tens-of-MB temporaries from its heap once its mmap threshold has
+# grown, and the heap then fragments: without a trim, k = 5000 on all of MNIST's test set grew
+# past 20 GB of RSS. Returning free heap pages every few dozen data batches keeps it under 1 GB.
+_TRIM_EVERY = 32
+
+
+def _trim_heap() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 @dataclass
@@ -200,6 +213,8 @@ def iwae_log_likelihood(module: VAEModule, X: ArrayLike, k: int = 5000, *, chunk
                 lw = _log_weights(module, x, mu, sigma, log_sigma, c)        # (c, b) float32
                 acc = torch.logaddexp(acc, torch.logsumexp(lw.double(), 0))
             out.append(acc - math.log(k))
+            if len(out) % _TRIM_EVERY == 0:
+                _trim_heap()
             if bar is not None:
                 bar.update(len(x))
     if bar is not None:
