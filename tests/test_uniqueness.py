@@ -147,7 +147,7 @@ def distinct():
 @pytest.fixture(scope="module")
 def equal():
     gt = ppca(n=2000, norms=(2.0, 2.0), p=6, noise_std=0.5, seed=0)
-    return gt, _linear_vae(gt, 0)
+    return gt, _linear_vae(gt, 0), _linear_vae(gt, 2)
 
 
 def test_linear_vae_recovers_the_exact_posterior_up_to_signed_permutation(distinct):
@@ -173,7 +173,7 @@ def test_distinct_norms_agree_across_seeds_and_resist_rotation(distinct):
 
 
 def test_equal_norms_are_unique_only_up_to_rotation(equal):
-    gt, vae = equal
+    gt, vae, _ = equal
     post = vae.encode(gt.X)
     np.testing.assert_allclose(post.sigma.mean(0), gt.post_sigma[0], rtol=0.1)
     r = symmetry_report(vae.module_, vae._tensor(gt.X), n_rotations=1)
@@ -186,6 +186,20 @@ def test_equal_norms_are_unique_only_up_to_rotation(equal):
         q = rm.encoder(vae._tensor(gt.X))
     c = compare(post.mu, q.loc.numpy(), post.sigma, q.scale.numpy())
     assert c.mcc_pearson < 0.8 and min(c.r2_ab, c.r2_ba) > 0.999
+
+
+def test_equal_norms_retrainings_disagree_axis_by_axis(equal, distinct):
+    gt, a, b = equal
+    pa, pb = a.encode(gt.X), b.encode(gt.X)
+    c = compare(pa.mu, pb.mu, pa.sigma, pb.sigma)
+    # Two seeded retrainings: the same code up to a linear map, but the axes differ (a rotation is free
+    # when the loading norms are equal). Measured: MCC 0.71 (seeds 0 and 2), R^2 1.000. Not every pair of
+    # seeds lands on different axes (seeds 0 and 1 happen to agree, docs/posterior.md), so the seeds are
+    # fixed; the contrast is the distinct-norm pair, whose MCC is above 0.98 by the test above.
+    assert c.mcc_pearson < 0.9 and min(c.r2_ab, c.r2_ba) > 0.99
+    gd, da, db = distinct
+    cd = compare(da.encode(gd.X).mu, db.encode(gd.X).mu)
+    assert cd.mcc_pearson > c.mcc_pearson + 0.08
 
 
 # --- CLI ---------------------------------------------------------------------------------------
