@@ -70,6 +70,10 @@ def test_errors(fitted):
         vae.encode(np.full((2, 64), np.nan, np.float32))
     with pytest.raises(ConfigError, match="unknown parameter"):
         VAE(latnt=3)
+    big = np.zeros((3, 64))
+    big[1, 2] = 1e300
+    with pytest.raises(DataError, match=r"too large for float32 .* at row 1, column '2'"):
+        vae.encode(big)
 
 
 def test_digits_model_beats_factorized_baseline():

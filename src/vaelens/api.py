@@ -339,7 +339,11 @@ def _as_dataset(X: ArrayLike, where: str, image_shape) -> Dataset:
             raise DataError(f"{where}: expected numbers, got dtype {arr.dtype}")
         if arr.ndim != 2:
             raise DataError(f"{where}: expected a 2-D array (samples, features), got shape {arr.shape}")
-        ds = Dataset(X=arr.astype(np.float32), name=where, image_shape=image_shape)
+        with np.errstate(over="ignore"):
+            X32 = arr.astype(np.float32)
+        if arr.dtype.kind == "f" and arr.dtype.itemsize > 4 and np.isfinite(arr).all() and not np.isfinite(X32).all():
+            data_mod.check_finite(X32, where, what="values too large for float32 (|x| > 3.4e38)")
+        ds = Dataset(X=X32, name=where, image_shape=image_shape)
     if image_shape is not None:
         ds.image_shape = tuple(image_shape)
     return ds

@@ -364,7 +364,7 @@ def fit(cfg: RunConfig, X: np.ndarray, X_val: Optional[np.ndarray] = None, *, ru
                     last_save, saved = time.monotonic(), True
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{record['train_loss']:.3f}", rec=f"{record['train_rec']:.3f}",
+                bar.set_postfix(loss=f"{record['train_loss']:.3f}", rec=f"{-record['train_rec']:.3f}",
                                 kl=f"{record['train_kl']:.3f}",
                                 **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
             if on_epoch is not None and info.is_main:
