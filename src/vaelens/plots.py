@@ -70,6 +70,16 @@ def _new(nrows: int = 1, ncols: int = 1, w: float = 4.0, h: float = 3.2, **kw):
     return fig, axes
 
 
+def _panels(k: int, w: float, h: float, ncol_max: int = 4):
+    """A grid for k panels, at most `ncol_max` across; returns (fig, the k axes in order), the rest hidden."""
+    ncol = min(k, ncol_max)
+    fig, axes = _new(int(math.ceil(k / ncol)), ncol, w=w, h=h)
+    flat = list(axes.ravel())
+    for ax in flat[k:]:
+        ax.set_axis_off()
+    return fig, flat[:k]
+
+
 def _label_colours(labels: Optional[np.ndarray]):
     """(colour per point, legend entries [(name, colour)]) for integer labels."""
     if labels is None:
@@ -272,13 +282,8 @@ def point_cloud_figure(z: np.ndarray, mu: np.ndarray, sigma: np.ndarray, emp_mea
     """
     i, j = dims
     k = z.shape[1]
-    ncol = min(k, 4)
-    nrow = int(math.ceil(k / ncol))
-    fig, axes = _new(nrow, ncol, w=3.3, h=3.8)
-    for s, ax in enumerate(axes.ravel()):
-        if s >= k:
-            ax.set_axis_off()
-            continue
+    fig, panels = _panels(k, w=3.3, h=3.8)
+    for s, ax in enumerate(panels):
         ax.scatter(z[:, s, i], z[:, s, j], s=4, alpha=0.35, color="tab:blue", linewidths=0, label="z samples")
         for m, ls in ((1, "-"), (2, ":")):
             ax.add_patch(Ellipse((mu[s, i], mu[s, j]), 2 * m * sigma[s, i], 2 * m * sigma[s, j], fill=False,
@@ -318,13 +323,8 @@ def aggregate_posterior_figure(mu: np.ndarray, sigma: np.ndarray, dims: Optional
     """
     d = mu.shape[1]
     dims = list(range(d)) if dims is None else list(dims)
-    ncol = min(len(dims), 4)
-    nrow = int(math.ceil(len(dims) / ncol))
-    fig, axes = _new(nrow, ncol, w=3.0, h=2.4)
-    for a, ax in enumerate(axes.ravel()):
-        if a >= len(dims):
-            ax.set_axis_off()
-            continue
+    fig, panels = _panels(len(dims), w=3.0, h=2.4)
+    for a, ax in enumerate(panels):
         j = dims[a]
         lo = min(-4.0, float(np.min(mu[:, j] - 3 * sigma[:, j])))
         hi = max(4.0, float(np.max(mu[:, j] + 3 * sigma[:, j])))
@@ -413,13 +413,10 @@ def feature_reconstruction_figure(X: np.ndarray, X_rec: np.ndarray, feature_name
     """
     p = min(X.shape[1], max_features)
     names = list(feature_names) if feature_names is not None else [f"x{j}" for j in range(X.shape[1])]
+    fig, panels = _panels(p, w=2.6, h=2.5)
     ncol = min(p, 4)
     nrow = int(math.ceil(p / ncol))
-    fig, axes = _new(nrow, ncol, w=2.6, h=2.5)
-    for j, ax in enumerate(axes.ravel()):
-        if j >= p:
-            ax.set_axis_off()
-            continue
+    for j, ax in enumerate(panels):
         t, r = X[:, j], X_rec[:, j]
         ax.scatter(t, r, s=4, alpha=0.4, linewidths=0)
         lo, hi = float(min(t.min(), r.min())), float(max(t.max(), r.max()))
