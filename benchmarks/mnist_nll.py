@@ -36,17 +36,18 @@ PAPER_TWO_LAYER_IWAE = 82.90
 
 _PAPER_MODEL = dict(latent_dim=50, hidden=(200, 200), activation="tanh", likelihood="bernoulli")
 CONFIGS = {
-    # The paper's one-layer VAE and IWAE (k = 50); Adam at 1e-3 with an exponential decay standing in
-    # for the paper's stepwise 10^(-i/7) schedule over 3^i epochs.
+    # The paper's one-layer VAE and IWAE (k = 50): its architecture, objective, batch size and Adam at
+    # 1e-3. The paper decays the rate stepwise, 10^(-i/7) over 3^i epochs for 3280 epochs; a cosine decay to
+    # zero over --epochs stands in for it, so that a shorter budget still ends with a small rate.
     "vae": (ModelConfig(**_PAPER_MODEL),
-            dict(objective="elbo", iw_samples=1, batch_size=20, lr=1e-3, schedule="exponential", lr_gamma=0.995)),
+            dict(objective="elbo", iw_samples=1, batch_size=20, lr=1e-3, schedule="cosine")),
     "iwae50": (ModelConfig(**_PAPER_MODEL),
-               dict(objective="iwae", iw_samples=50, batch_size=20, lr=1e-3, schedule="exponential",
-                    lr_gamma=0.995)),
-    # vaelens' choice: a wider, deeper MLP, IWAE with k = 8 (most of the k = 50 gain at a sixth of the
-    # cost), larger batches and a cosine schedule that fits a fixed epoch budget.
-    "best": (ModelConfig(latent_dim=50, hidden=(512, 512), activation="tanh", likelihood="bernoulli"),
-             dict(objective="iwae", iw_samples=8, batch_size=100, lr=1e-3, schedule="cosine")),
+               dict(objective="iwae", iw_samples=50, batch_size=20, lr=1e-3, schedule="cosine")),
+    # vaelens' choice for one stochastic layer under a CPU budget: a wider MLP, the IWAE objective at
+    # k = 5 (the paper's k = 5 row already gets most of the k = 50 gain) and batches of 100, which run
+    # about 4x as many samples per second as batches of 20 on a CPU; cosine decay over the budget.
+    "best": (ModelConfig(latent_dim=50, hidden=(400, 400), activation="tanh", likelihood="bernoulli"),
+             dict(objective="iwae", iw_samples=5, batch_size=100, lr=1e-3, schedule="cosine")),
 }
 
 
@@ -76,6 +77,10 @@ def main(argv=None) -> int:
                     help="also time the k=--eval-k evaluation on N test images and extrapolate to 10,000")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
+    ap.add_argument("--run-dir", type=Path,
+                    help="keep each configuration's run (checkpoints, metrics) in DIR/<config>, for `vaelens evaluate`")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    ap.add_argument("--log-every", type=int, default=10, metavar="N", help="print a line every N epochs")
     args = ap.parse_args(argv)
     if not args.data_dir:
         ap.error("no MNIST folder: pass --data-dir or set VAELENS_DATA_DIR")
@@ -84,6 +89,8 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"unknown config(s) {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     dcfg = DataConfig(name="mnist", data_dir=args.data_dir, binarize="dynamic", val_fraction=0.0,
                       limit=args.limit_train)
@@ -103,7 +110,17 @@ def main(argv=None) -> int:
                         train=TrainConfig(epochs=args.epochs, seed=args.seed, device="cpu", **train_kw))
         cfg, X, X_val = prepare(cfg, train_ds)
         t0 = time.perf_counter()
-        res = fit(cfg, X, X_val, progress=sys.stderr.isatty())
+        def log(rec, name=name):
+            if rec["epoch"] % args.log_every == 0:
+                print(f"  {name} epoch {rec['epoch']}: train -ELBO/bound {rec['train_loss']:.2f}, lr {rec['lr']:.2e}, "
+                      f"{time.perf_counter() - t0:.0f} s", flush=True)
+
+        run_dir = None
+        if args.run_dir is not None:
+            run_dir = args.run_dir / name
+            run_dir.mkdir(parents=True, exist_ok=False)
+        res = fit(cfg, X, X_val, progress=sys.stderr.isatty(), run_dir=run_dir, on_epoch=log,
+                  checkpoint_interval_s=300.0)
         train_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         ev = evaluate(res.module, X_test, iw_samples=args.eval_k, progress=sys.stderr.isatty(), seed=args.seed)

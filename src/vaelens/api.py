@@ -219,14 +219,17 @@ class VAE:
         return torch.cat(out).double().cpu().numpy()
 
     def log_likelihood(self, X: ArrayLike, k: int = 5000, seed: Optional[int] = 0, batch_size: Optional[int] = None,
-                       chunk_size: Optional[int] = None, progress: bool = False) -> np.ndarray:
+                       chunk_size: Optional[int] = None, progress: bool = False,
+                       distributed: bool = False) -> np.ndarray:
         """Per-sample IWAE estimate of log p(x) in nats with `k` importance samples, shape (n,).
 
         In the model's units: for a standardized run, log p of the standardized data. Binary
-        data (a binarized run) should be binarized before the call.
+        data (a binarized run) should be binarized before the call. A row's figure depends on
+        `seed` and its row index only, not on the batching; with `distributed` under torchrun the
+        ranks share the rows and all get the whole result.
         """
         return _iwae_log_likelihood(self.module_, self._tensor(X), k, chunk_size=chunk_size, batch_size=batch_size,
-                                    progress=progress, seed=seed)
+                                    progress=progress, seed=seed, distributed=distributed)
 
     def evaluate(self, X: ArrayLike, iw_samples: int = 5000, seed: Optional[int] = 0, progress: bool = False,
                  **kwargs) -> Evaluation:

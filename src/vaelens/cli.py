@@ -574,6 +574,8 @@ def cmd_info(args) -> int:
 # --- evaluate ---------------------------------------------------------------------------------
 
 def _add_evaluate(sub) -> None:
+    from .config import DEVICES
+
     p = sub.add_parser(
         "evaluate", formatter_class=_Formatter,
         help="ELBO, IWAE log-likelihood, active units, mutual information and aggregate KL of a run",
@@ -583,12 +585,15 @@ def _add_evaluate(sub) -> None:
                     "one seeded binarization of the data.",
         epilog="examples:\n  vaelens evaluate runs/digits-...\n"
                "  vaelens evaluate runs/mnist-... --data-dir ~/data/mnist --iw-samples 5000 --json eval.json\n"
-               "  vaelens evaluate RUN --split train --limit 1000 --iw-samples 100\n")
+               "  vaelens evaluate RUN --split train --limit 1000 --iw-samples 100\n"
+               "  torchrun --nproc_per_node=2 -m vaelens evaluate RUN   # log p(x) rows shared between 2 processes\n")
     _add_run_args(p, split="test")
     p.add_argument("--iw-samples", type=int, default=5000, help="importance samples K for log p(x); 0 skips it")
     p.add_argument("--limit", type=int, help="evaluate only the first N samples")
     p.add_argument("--seed", type=int, default=0, help="seed for every random draw (and the binarization)")
     p.add_argument("--batch-size", type=int, help="data points per IWAE decoder call (default: automatic)")
+    p.add_argument("--device", choices=DEVICES, default="cpu",
+                   help="where to compute; auto picks cuda when available")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
     p.add_argument("--per-sample", action="store_true", help="include per-sample values in the JSON")
     p.add_argument("--force", action="store_true", help="overwrite an existing JSON file")
@@ -599,24 +604,39 @@ def _add_evaluate(sub) -> None:
 def cmd_evaluate(args) -> int:
     import math
 
+    import torch
+
     from . import data as data_mod
+    from . import dist
+    from .api import VAE
     from .errors import VaelensError
+    from .train import resolve_device
 
     if args.iw_samples < 0:
         raise VaelensError(f"--iw-samples must be >= 0, got {args.iw_samples}")
     if args.limit is not None and args.limit < 1:
         raise VaelensError(f"--limit must be >= 1, got {args.limit}")
-    out = _out_path(args.json, args.force) if args.json is not None else None
-    vae, ds = _load_run_and_data(args)
+    # under torchrun every rank computes a share of the log-likelihood rows; rank 0 alone reports
+    info = dist.env_info()
+    out = _out_path(args.json, args.force) if args.json is not None and info.is_main else None
+    device = resolve_device(args.device)
+    if device.type == "cuda" and info.distributed:
+        device = torch.device("cuda", info.local_rank)
+    dist.setup(device)
+    vae = VAE.load(args.run, device=str(device))
+    ds = data_mod.load(_data_config(args, base=vae.config_.data), args.split)
     X = ds.X if args.limit is None else ds.X[:args.limit]
     binarized = vae.config_.data.binarize != "none"
     if binarized:
         # the model was trained on binary images; log p(x) of grey levels is not a probability
         X = data_mod.binarize_static(X, args.seed)
-    ev = vae.evaluate(X, iw_samples=args.iw_samples, seed=args.seed,
+    ev = vae.evaluate(X, iw_samples=args.iw_samples, seed=args.seed, distributed=True,
                       progress=not args.no_progress and sys.stderr.isatty(), batch_size=args.batch_size)
+    if not info.is_main:
+        return 0
     r = ev.to_dict(per_sample=args.per_sample)
-    r.update(run=str(args.run), data=ds.name, split=args.split, binarized=binarized, seed=args.seed)
+    r.update(run=str(args.run), data=ds.name, split=args.split, binarized=binarized, seed=args.seed,
+             processes=info.world_size)
     d = r["latent_dim"]
     print(f"evaluate {args.run} on {ds.name} {args.split} ({r['n']} samples, {r['features']} features"
           f"{', binarized once with seed %d' % args.seed if binarized else ''})")

@@ -72,3 +72,27 @@ def broadcast_object(obj, src: int = 0):
         tdist.broadcast_object_list(box, src=src)
         return box[0]
     return obj
+
+
+def shard_range(n: int) -> tuple:
+    """This rank's contiguous share [start, stop) of n rows; shares differ in size by at most one."""
+    if tdist.is_initialized() and tdist.get_world_size() > 1:
+        r, w = tdist.get_rank(), tdist.get_world_size()
+        return n * r // w, n * (r + 1) // w
+    return 0, n
+
+
+def gather_rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """Concatenate every rank's `shard_range(n)` rows of t in rank order: all n rows, each once.
+
+    all_gather needs equal shapes, so each share is padded to the largest and the padding dropped.
+    """
+    if not (tdist.is_initialized() and tdist.get_world_size() > 1):
+        return t
+    w = tdist.get_world_size()
+    sizes = [n * (r + 1) // w - n * r // w for r in range(w)]
+    padded = torch.zeros((max(sizes), *t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[:len(t)] = t
+    parts = [torch.empty_like(padded) for _ in range(w)]
+    tdist.all_gather(parts, padded)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)])

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.distributions import Bernoulli
 
+from . import dist
 from .errors import ConfigError, DataError
 from .model import VAEModule, seeded
 
@@ -28,6 +29,9 @@ ACTIVE_THRESHOLD = 0.01  # Burda et al. 2016: a unit is active when Cov_x(E_q[z_
 # (z, x) pairs per decoder call: large enough for big matmuls, small enough (tens of MB on MNIST)
 # that K = 5000 needs no more memory than K = 50.
 ROWS_PER_CALL = 8192
+# Each row's noise is drawn in blocks of this many draws of z whatever the chunking, so that a row's
+# draws are the same for every chunk_size (torch's normal sampler is not split-invariant).
+EPS_BLOCK = 128
 # Entries of the (draws x data) log-density matrix held at once when estimating log q(z).
 _MIXTURE_BLOCK = 4_000_000
 
@@ -158,12 +162,16 @@ def elbo_terms(module: VAEModule, X: ArrayLike, n_samples: int = 1, batch_size: 
 
 def iwae_log_likelihood(module: VAEModule, X: ArrayLike, k: int = 5000, *, chunk_size: Optional[int] = None,
                         batch_size: Optional[int] = None, progress: bool = False,
-                        seed: Optional[int] = 0) -> np.ndarray:
+                        seed: Optional[int] = 0, distributed: bool = False) -> np.ndarray:
     """The importance-weighted estimate of log p(x) with `k` samples from q(z|x), shape (n,), float64.
 
     log p(x) ~= log (1/k) sum_k p(x|z_k) p(z_k) / q(z_k|x): a lower bound in expectation that
     tightens as k grows (Burda et al. 2016). The k weights of a sample are drawn `chunk_size` at a
     time and folded into a float64 running log-sum-exp, so memory does not grow with k.
+
+    Every sample draws its noise from its own generator, seeded by (`seed`, its row index), so a
+    sample's estimate does not depend on `batch_size`, `chunk_size` or how the rows are split
+    between processes.
 
     Parameters
     ----------
@@ -174,11 +182,15 @@ def iwae_log_likelihood(module: VAEModule, X: ArrayLike, k: int = 5000, *, chunk
         Importance samples per data point (5000 in the standard protocol).
     chunk_size, batch_size : int, optional
         Importance samples and data points per decoder call; by default about `ROWS_PER_CALL`
-        (z, x) pairs per call. The figures depend on them only through the random draws.
+        (z, x) pairs per call; chunk_size is rounded up to a multiple of `EPS_BLOCK`. They change
+        speed and memory, not the figures.
     progress : bool
-        Show a tqdm bar over the data points.
+        Show a tqdm bar over the data points (this process's share of them).
     seed : int or None
-        Seeds the draws without disturbing torch's global generator; None uses it as it is.
+        Seeds the draws without disturbing torch's global generator; None draws a seed from it.
+    distributed : bool
+        Under torchrun, every rank computes a contiguous share of the rows and all ranks get the
+        whole result in row order; every rank must call with the same X. Ignored outside torchrun.
 
     Returns
     -------
@@ -188,29 +200,35 @@ def iwae_log_likelihood(module: VAEModule, X: ArrayLike, k: int = 5000, *, chunk
         raise ConfigError(f"k (importance samples) must be >= 1, got {k}")
     x_all = _as_tensor(module, X)
     n = len(x_all)
+    start, stop = dist.shard_range(n) if distributed else (0, n)
+    if seed is None:
+        seed = int(torch.randint(0, 2 ** 62, (1,)))
     if batch_size is None:
         batch_size = max(1, min(n, ROWS_PER_CALL // min(k, ROWS_PER_CALL)))
     if chunk_size is None:
         chunk_size = max(1, min(k, ROWS_PER_CALL // batch_size))
     if batch_size < 1 or chunk_size < 1:
         raise ConfigError(f"batch_size and chunk_size must be >= 1, got {batch_size}, {chunk_size}")
+    chunk_size = min(k, -(-chunk_size // EPS_BLOCK) * EPS_BLOCK)
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=n, desc=f"IWAE k={k}", unit="sample", dynamic_ncols=True)
-    out = []
+        bar = tqdm(total=stop - start, desc=f"IWAE k={k}", unit="sample", dynamic_ncols=True)
+    out = [torch.empty(0, dtype=torch.float64, device=x_all.device)]
     module.eval()
-    with torch.inference_mode(), seeded(seed, x_all.device):
-        for i in range(0, n, batch_size):
-            x = x_all[i:i + batch_size]                                      # (b, p)
+    with torch.inference_mode():
+        for i in range(start, stop, batch_size):
+            x = x_all[i:min(i + batch_size, stop)]                           # (b, p)
+            gens = [_row_generator(seed, i + j, x.device) for j in range(len(x))]
             qz = module.encoder(x)
             mu, sigma = qz.loc, qz.scale                                     # (b, d)
             log_sigma = sigma.log().sum(-1)                                  # (b,)
             acc = torch.full((len(x),), -math.inf, dtype=torch.float64, device=x.device)
             for j in range(0, k, chunk_size):
                 c = min(chunk_size, k - j)
-                lw = _log_weights(module, x, mu, sigma, log_sigma, c)        # (c, b) float32
+                eps = torch.stack([_draw(g, c, mu) for g in gens], 1)       # (c, b, d)
+                lw = _log_weights(module, x, mu, sigma, log_sigma, eps)     # (c, b) float32
                 acc = torch.logaddexp(acc, torch.logsumexp(lw.double(), 0))
             out.append(acc - math.log(k))
             if len(out) % _TRIM_EVERY == 0:
@@ -219,18 +237,38 @@ def iwae_log_likelihood(module: VAEModule, X: ArrayLike, k: int = 5000, *, chunk
                 bar.update(len(x))
     if bar is not None:
         bar.close()
-    return torch.cat(out).cpu().numpy()
+    ll = torch.cat(out)
+    if distributed:
+        ll = dist.gather_rows(ll, n)
+    return ll.cpu().numpy()
+
+
+def _row_generator(seed: int, row: int, device: torch.device) -> torch.Generator:
+    """A generator of its own for row `row`, seeded by a splitmix64 hash of (seed, row), so that
+    nearby seeds and rows give unrelated streams (and it costs microseconds, not a SeedSequence's 60)."""
+    m = 2 ** 64 - 1
+    x = (seed * 0x9E3779B97F4A7C15 + row + 1) & m
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & m
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & m
+    x ^= x >> 31
+    return torch.Generator(device=device).manual_seed(x >> 1)
+
+
+def _draw(g: torch.Generator, c: int, like: torch.Tensor) -> torch.Tensor:
+    """c standard normal draws of dimension d from g, shape (c, d), in blocks of `EPS_BLOCK`."""
+    d = like.shape[1]
+    return torch.cat([torch.randn((min(EPS_BLOCK, c - i), d), generator=g, dtype=like.dtype, device=like.device)
+                      for i in range(0, c, EPS_BLOCK)])
 
 
 def _log_weights(module: VAEModule, x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor,
-                 log_sigma: torch.Tensor, c: int) -> torch.Tensor:
-    """log p(x|z) + log p(z) - log q(z|x) for c draws z = mu + sigma * eps, shape (c, b).
+                 log_sigma: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """log p(x|z) + log p(z) - log q(z|x) for the draws z = mu + sigma * eps, eps (c, b, d): shape (c, b).
 
     The same quantity as `VAEModule.log_weights`, computed for speed at large k: log q - log p
     comes from eps in closed form, and a Bernoulli decoder's log-density skips the generic
     log_prob's broadcasting (two passes over the (c, b, p) logits instead of five).
     """
-    eps = torch.randn((c, *mu.shape), dtype=mu.dtype, device=mu.device)   # (c, b, d)
     z = mu + sigma * eps                                                     # (c, b, d)
     px = module.decoder(z)                                                   # batch (c, b, p)
     if isinstance(px, Bernoulli):
@@ -339,7 +377,7 @@ def encode_all(module: VAEModule, X: ArrayLike, batch_size: int = 4096):
 def evaluate(module: VAEModule, X: ArrayLike, iw_samples: int = 5000, *, elbo_samples: int = 10,
              aggregate_draws: Optional[int] = 2000, active_threshold: float = ACTIVE_THRESHOLD,
              batch_size: Optional[int] = None, chunk_size: Optional[int] = None, progress: bool = False,
-             seed: Optional[int] = 0) -> Evaluation:
+             seed: Optional[int] = 0, distributed: bool = False) -> Evaluation:
     """All of the metrics above on X (n, p), already in the model's units.
 
     Parameters
@@ -350,6 +388,9 @@ def evaluate(module: VAEModule, X: ArrayLike, iw_samples: int = 5000, *, elbo_sa
         Draws of z per sample for the reconstruction term of the ELBO.
     aggregate_draws : int or None
         Draws of z for I(x; z) and KL(q(z) || p(z)); None uses one per sample.
+    distributed : bool
+        Under torchrun, share the log-likelihood's rows between the ranks (see `iwae_log_likelihood`);
+        the cheaper metrics are computed by every rank, so all ranks return the same Evaluation.
     """
     if iw_samples < 0:
         raise ConfigError(f"iw_samples must be >= 0, got {iw_samples}")
@@ -360,7 +401,7 @@ def evaluate(module: VAEModule, X: ArrayLike, iw_samples: int = 5000, *, elbo_sa
     ll = None
     if iw_samples:
         ll = iwae_log_likelihood(module, x_all, iw_samples, chunk_size=chunk_size, batch_size=batch_size,
-                                 progress=progress, seed=seed)
+                                 progress=progress, seed=seed, distributed=distributed)
     mu, sigma = encode_all(module, x_all)
     count, activity = active_units(mu, active_threshold)
     agg = aggregate_posterior_stats(mu, sigma, aggregate_draws, seed)
