@@ -80,3 +80,17 @@ def test_distributed_evaluate_matches_one_process(tmp_path):
     assert len(a) == len(b) == 101  # an odd count: the shares differ in size, nothing is repeated or lost
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4
     assert len(set(a)) == 101  # a stitching error that repeated a share would repeat values
+
+
+def test_other_commands_run_once_under_torchrun(tmp_path):
+    # encode is not shared between ranks: rank 0 alone computes and writes, the same as one process
+    import numpy as np
+
+    run = tmp_path / "m"
+    _single("train", "--epochs", "1", "--hidden", "16", "--latent-dim", "2", "--no-progress", "--out", run)
+    p = _torchrun("encode", run, "--out", tmp_path / "ddp.npz")
+    assert p.stdout.count("wrote ") == 1
+    _single("encode", run, "--out", tmp_path / "one.npz")
+    a, b = np.load(tmp_path / "ddp.npz"), np.load(tmp_path / "one.npz")
+    np.testing.assert_array_equal(a["mu"], b["mu"])
+    np.testing.assert_array_equal(a["index"], np.arange(len(a["index"])))

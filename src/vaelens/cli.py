@@ -1017,12 +1017,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that share their work between torchrun's ranks; the others run on rank 0 alone.
+DISTRIBUTED_COMMANDS = ("train", "evaluate")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     from .errors import VaelensError
 
+    if args.command not in DISTRIBUTED_COMMANDS:
+        from . import dist
+
+        if not dist.env_info().is_main:
+            # started by torchrun: rank 0 does the work and writes the output once
+            return 0
     try:
         return int(args.func(args) or 0)
     except VaelensError as e:
