@@ -420,11 +420,11 @@ def _add_encode(sub) -> None:
     p.set_defaults(func=cmd_encode)
 
 
-def _load_run_and_data(args):
+def _load_run_and_data(args, device: str = "cpu"):
     from . import data as data_mod
     from .api import VAE
 
-    vae = VAE.load(args.run)
+    vae = VAE.load(args.run, device=device)
     dcfg = _data_config(args, base=vae.config_.data)
     ds = data_mod.load(dcfg, getattr(args, "split", "train"))
     return vae, ds
@@ -608,7 +608,6 @@ def cmd_evaluate(args) -> int:
 
     from . import data as data_mod
     from . import dist
-    from .api import VAE
     from .errors import VaelensError
     from .train import resolve_device
 
@@ -623,8 +622,7 @@ def cmd_evaluate(args) -> int:
     if device.type == "cuda" and info.distributed:
         device = torch.device("cuda", info.local_rank)
     dist.setup(device)
-    vae = VAE.load(args.run, device=str(device))
-    ds = data_mod.load(_data_config(args, base=vae.config_.data), args.split)
+    vae, ds = _load_run_and_data(args, device=str(device))
     X = ds.X if args.limit is None else ds.X[:args.limit]
     binarized = vae.config_.data.binarize != "none"
     if binarized:
