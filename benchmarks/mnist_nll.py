@@ -80,6 +80,8 @@ def main(argv=None) -> int:
     ap.add_argument("--run-dir", type=Path,
                     help="keep each configuration's run (checkpoints, metrics) in DIR/<config>, for `vaelens evaluate`")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    ap.add_argument("--batch-size", type=int, help="override the configurations' batch size")
+    ap.add_argument("--lr", type=float, help="override the configurations' learning rate")
     ap.add_argument("--log-every", type=int, default=10, metavar="N", help="print a line every N epochs")
     args = ap.parse_args(argv)
     if not args.data_dir:
@@ -106,6 +108,7 @@ def main(argv=None) -> int:
     results = []
     for name in names:
         model, train_kw = CONFIGS[name]
+        train_kw = {**train_kw, **{k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr)) if v}}
         cfg = RunConfig(data=dcfg, model=model,
                         train=TrainConfig(epochs=args.epochs, seed=args.seed, device="cpu", **train_kw))
         cfg, X, X_val = prepare(cfg, train_ds)
@@ -130,6 +133,7 @@ def main(argv=None) -> int:
                "active_units": ev.active_units, "mutual_information": ev.mutual_information,
                "epochs": res.epochs_run, "train_s": train_s, "eval_s": eval_s, "paper": PAPER[name],
                "objective": cfg.train.objective, "iw_samples_train": cfg.train.iw_samples,
+               "batch_size": cfg.train.batch_size, "lr": cfg.train.lr,
                "hidden": list(cfg.model.hidden), "n_test": len(X_test), "eval_k": args.eval_k}
         results.append(row)
         print(f"  {name}: -log p(x) {ev.nll:.2f} nats after {res.epochs_run} epochs "

@@ -413,10 +413,21 @@ def test_infinite_data_past_validation_names_reconstruction_and_step(tmp_path):
         train_mod.fit(cfg, X, X_val, run_dir=tmp_path / "run")
 
 
-def test_nonfinite_gradient_is_named(monkeypatch):
+@pytest.mark.parametrize("grad_clip", [None, 1.0])
+def test_nonfinite_gradient_is_named(monkeypatch, grad_clip):
+    # a finite loss whose gradient is NaN: a hook poisons one weight's gradient during backward,
+    # on both paths (the plain finiteness check, and clipping)
     cfg, X, X_val = _small_cfg()
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: torch.tensor(float("nan")))
-    with pytest.raises(TrainingDiverged, match=r"epoch 1, step 1: the gradient became non-finite"):
+    cfg = cfg.replace(train={"grad_clip": grad_clip})
+    init = VAEModule.__init__
+
+    def poisoned_init(self, model_cfg):
+        init(self, model_cfg)
+        self.decoder.first.weight.register_hook(lambda g: torch.full_like(g, float("nan")))
+
+    monkeypatch.setattr(VAEModule, "__init__", poisoned_init)
+    with pytest.raises(TrainingDiverged, match=r"epoch 1, step 1: the gradient became non-finite "
+                                               r"\(both loss terms were finite\)"):
         train_mod.fit(cfg, X, X_val)
 
 

@@ -217,7 +217,8 @@ def fit(cfg: RunConfig, X: np.ndarray, X_val: Optional[np.ndarray] = None, *, ru
 
     torch.manual_seed(t.seed)  # the initial weights depend on the seed alone
     module = VAEModule(cfg.model).to(device)
-    opt = build_optimizer(cfg, module.parameters(), device)
+    params = list(module.parameters())
+    opt = build_optimizer(cfg, params, device)
     sched = build_scheduler(cfg, opt)
 
     # each rank trains on its own shard; shards are equal so every rank runs the same number of steps
@@ -306,7 +307,10 @@ def fit(cfg: RunConfig, X: np.ndarray, X_val: Optional[np.ndarray] = None, *, ru
                     raise TrainingDiverged(_diverged_message(epoch, step, terms, "loss", run_dir if writes else None))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                gnorm = torch.nn.utils.clip_grad_norm_(module.parameters(), t.grad_clip or math.inf)
+                if t.grad_clip:
+                    gnorm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+                else:  # the norm only serves the finiteness check: no rescaling pass over the gradients
+                    gnorm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
                 if not torch.isfinite(gnorm):
                     raise TrainingDiverged(_diverged_message(epoch, step, terms, "gradient", run_dir if writes else None))
                 opt.step()
