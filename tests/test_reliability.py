@@ -28,6 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from safetensors.torch import load_file
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from vaelens import checkpoint as ck
 from vaelens import data as data_mod
@@ -155,25 +156,24 @@ def _small_cfg(likelihood="bernoulli", epochs=2):
     return train_mod.prepare(cfg, data_mod.load(cfg.data))
 
 
-def _fit(run_dir, monkeypatch=None, sigint_at_step=None, resume=False):
+def _fit(run_dir, sigint_at_step=None, resume=False):
     """Train the small model; with `sigint_at_step`, SIGINT this process during that (1-based, global) step."""
     cfg, X, X_val = _small_cfg()
-    if sigint_at_step is not None:
-        real, count = torch.nn.utils.clip_grad_norm_, [0]
+    count = [0]
 
-        def clip_and_maybe_signal(*a, **k):
-            count[0] += 1
-            if count[0] == sigint_at_step:
-                os.kill(os.getpid(), signal.SIGINT)  # a real signal, delivered to the handler fit installed
-            return real(*a, **k)
+    def signal_before_update(opt, args, kwargs):
+        count[0] += 1
+        if count[0] == sigint_at_step:
+            os.kill(os.getpid(), signal.SIGINT)  # a real signal, delivered to the handler fit installed
 
-        monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_and_maybe_signal)
+    # torch's global optimizer hook: runs before every step's parameter update, whatever the loop does around it
+    handle = register_optimizer_step_pre_hook(signal_before_update) if sigint_at_step is not None else None
     try:
         return train_mod.fit(cfg, X, X_val, run_dir=run_dir, resume=resume, handle_signals=True,
                              checkpoint_interval_s=3600)
     finally:
-        if monkeypatch is not None:
-            monkeypatch.undo()
+        if handle is not None:
+            handle.remove()
 
 
 @pytest.fixture(scope="module")
@@ -192,12 +192,12 @@ def test_two_identical_runs_give_identical_weights(small_reference):
 @pytest.mark.parametrize("step, expected", [(3, "ckpt-000000-000003"),            # mid-epoch
                                             (STEPS, "ckpt-000001-000000"),        # last step: epoch boundary
                                             (STEPS + 5, "ckpt-000001-000005")])   # mid-epoch, later epoch
-def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, monkeypatch, small_reference, step, expected):
+def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, small_reference, step, expected):
     ref = small_reference[0]
     if not (ref / ck.SUMMARY).exists():
         _fit(ref)
     run = tmp_path / "run"
-    res = _fit(run, monkeypatch, sigint_at_step=step)
+    res = _fit(run, sigint_at_step=step)
     assert res.interrupted == "SIGINT"
     # the interval is an hour, so this checkpoint exists only because of the signal
     assert (run / ck.CKPT_DIR / ck.LATEST).read_text().strip() == expected
@@ -274,14 +274,14 @@ def test_damaged_weights_through_cli_subprocess(tmp_path, good_run):
     assert not (tmp_path / "post.npz").exists()
 
 
-def test_resume_falls_back_past_damaged_checkpoint(tmp_path, monkeypatch, small_reference):
+def test_resume_falls_back_past_damaged_checkpoint(tmp_path, small_reference):
     ref = small_reference[0]
     if not (ref / ck.SUMMARY).exists():
         _fit(ref)
     run = tmp_path / "run"
     ck_root = run / ck.CKPT_DIR
-    _fit(run, monkeypatch, sigint_at_step=STEPS)                 # ckpt-000001-000000
-    _fit(run, monkeypatch, sigint_at_step=3, resume=True)        # ckpt-000001-000003, the newest
+    _fit(run, sigint_at_step=STEPS)                 # ckpt-000001-000000
+    _fit(run, sigint_at_step=3, resume=True)        # ckpt-000001-000003, the newest
     assert sorted(p.name for p in ck_root.glob("ckpt-*")) == ["ckpt-000001-000000", "ckpt-000001-000003"]
     _truncate(ck_root / "ckpt-000001-000003" / ck.TRAINER_TENSORS)
     with pytest.warns(UserWarning, match=r"skipped damaged checkpoint\(s\): ckpt-000001-000003: .*trainer"):
