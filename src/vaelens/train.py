@@ -307,12 +307,12 @@ def fit(cfg: RunConfig, X: np.ndarray, X_val: Optional[np.ndarray] = None, *, ru
                     raise TrainingDiverged(_diverged_message(epoch, step, terms, "loss", run_dir if writes else None))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                if t.grad_clip:
-                    gnorm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
-                else:  # the norm only serves the finiteness check: no rescaling pass over the gradients
-                    gnorm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+                # one norm serves the finiteness check and, when asked for, clipping (no rescaling pass otherwise)
+                gnorm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
                 if not torch.isfinite(gnorm):
                     raise TrainingDiverged(_diverged_message(epoch, step, terms, "gradient", run_dir if writes else None))
+                if t.grad_clip:
+                    torch.nn.utils.clip_grads_with_norm_(params, t.grad_clip, gnorm)
                 opt.step()
                 with torch.no_grad():
                     nb = xb.shape[0]
