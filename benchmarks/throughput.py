@@ -37,9 +37,9 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
-def matmul_ceiling(n: int = 2048, reps: int = 10) -> float:
-    """Best observed fp32 GFLOP/s of an n x n matrix product."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_ceiling(n: int = 2048, reps: int = 10, dtype=torch.float32) -> float:
+    """Best observed GFLOP/s of an n x n matrix product in `dtype`."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     for _ in range(3):
         a @ b
     best = math.inf
@@ -109,6 +109,8 @@ def main() -> None:
     ap.add_argument("--iw-k", type=int, default=5000, help="importance samples for the evaluation figure")
     ap.add_argument("--iw-n", type=int, default=200, help="test images timed for the IWAE figure")
     ap.add_argument("--skip-plain", action="store_true", help="skip the hand-written baseline loop")
+    ap.add_argument("--bf16", action="store_true",
+                    help="also time training with bf16 autocast, against the bf16 matmul ceiling")
     args = ap.parse_args()
 
     from vaelens import evaluate
@@ -131,15 +133,30 @@ def main() -> None:
     cfg = RunConfig(data=DataConfig(binarize="dynamic", val_fraction=0.0),
                     model=ModelConfig(latent_dim=32, hidden=(512, 256), input_dim=784, image_shape=(28, 28)),
                     train=TrainConfig(epochs=args.epochs, batch_size=128, lr=1e-3))
-    result = fit(cfg, X, None, progress=False)
-    timed = result.history[1:] if len(result.history) > 1 else result.history
-    sps = float(np.mean([h["samples_per_s"] for h in timed]))
+
+    def timed_fit(cfg):
+        """Samples/s over epochs 2.. (an epoch's time includes its binarization), and the final -ELBO."""
+        result = fit(cfg, X, None, progress=False)
+        timed = result.history[1:] if len(result.history) > 1 else result.history
+        return float(np.mean([h["samples_per_s"] for h in timed])), result
+
+    sps, result = timed_fit(cfg)
     gflops = sps * train_flops_per_sample / 1e9
     ceiling_after = matmul_ceiling()
     ceiling = max(ceiling_before, ceiling_after)
     print(f"fp32 matmul ceiling after training: {ceiling_after:.1f} GFLOP/s; used: {ceiling:.1f}")
     print(f"vaelens training: {sps:,.0f} samples/s, {gflops:.1f} GFLOP/s = {gflops / ceiling:.0%} of the ceiling "
           f"(mean of epochs 2..{args.epochs}; -ELBO after {args.epochs} epochs {result.history[-1]['train_loss']:.2f})")
+
+    if args.bf16:
+        bf16_ceiling = matmul_ceiling(dtype=torch.bfloat16)
+        bf_sps, bf_result = timed_fit(cfg.replace(train={"bf16": True}))
+        bf_gflops = bf_sps * train_flops_per_sample / 1e9
+        print(f"bf16 matmul ceiling (2048^3): {bf16_ceiling:.1f} GFLOP/s")
+        print(f"vaelens training, bf16 autocast: {bf_sps:,.0f} samples/s, {bf_gflops:.1f} GFLOP/s = "
+              f"{bf_gflops / bf16_ceiling:.0%} of the bf16 ceiling, {bf_gflops / ceiling:.0%} of the fp32 one; "
+              f"{bf_sps / sps:.2f}x float32 (-ELBO after {args.epochs} epochs "
+              f"{bf_result.history[-1]['train_loss']:.2f})")
 
     if not args.skip_plain:
         plain_sps, plain_loss = plain_loop(X, args.epochs)

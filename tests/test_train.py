@@ -108,3 +108,19 @@ def test_dynamic_binarization_is_seeded_and_unbiased():
     assert abs(a.mean().item() - 0.25) < 0.007
     # each block has its own stream: no two blocks repeat each other
     assert not torch.equal(a[:5000], a[5000:10000])
+
+
+def test_bf16_autocast_on_cpu_trains_close_to_float32():
+    cfg, X, Xv = prepared(small_cfg(epochs=5))
+    full = train.fit(cfg, X, Xv, progress=False)
+    half = train.fit(cfg.replace(train={"bf16": True}), X, Xv, progress=False)
+    # autocast really ran: bf16 rounding of the Linear products changes the weights...
+    assert not torch.equal(full.module.encoder.mu_head.weight, half.module.encoder.mu_head.weight)
+    # ...but not the training: the losses agree within 2% (about 0.6 nats of ~30; measured ~0.1%)
+    for a, b in zip(full.history, half.history):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=0.02)
+    # the distributions' parameters stay float32 under autocast, so log-densities sum in full precision
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        qz = half.module.encoder(torch.as_tensor(X[:8]))
+        px = half.module.decoder(qz.rsample())
+    assert qz.loc.dtype == qz.scale.dtype == px.logits.dtype == torch.float32

@@ -47,6 +47,15 @@ def seeded(seed: Optional[int], device: torch.device):
         yield
 
 
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    """Lift a bf16/fp16 result of autocast to float32, leaving float32 and float64 as they are.
+
+    Under bf16 autocast the Linear layers compute in bf16; the distributions' parameters, and with
+    them every log-density and KL summed over hundreds of pixels, stay in full precision.
+    """
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
 def mlp(sizes, activation: str, last_activation: bool = True) -> nn.Sequential:
     """Linear layers between consecutive `sizes`, each followed by the activation."""
     layers = []
@@ -90,8 +99,8 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Normal:
         xt = self.trunk(x)                                                   # (n, width): x̃
-        mu = self.mu_head(xt)                                                # (n, d)
-        sigma = F.softplus(self.sigma_head(xt)).clamp(max=SIGMA_MAX) + self.sigma_floor  # (n, d)
+        mu = _fp32(self.mu_head(xt))                                         # (n, d)
+        sigma = F.softplus(_fp32(self.sigma_head(xt))).clamp(max=SIGMA_MAX) + self.sigma_floor  # (n, d)
         return Normal(mu, sigma, validate_args=False)
 
 
@@ -134,7 +143,7 @@ class Decoder(nn.Module):
     def forward(self, z: torch.Tensor) -> Distribution:
         lead = z.shape[:-1]                                                  # (S, n) or (n,)
         out = self.net(z.reshape(-1, z.shape[-1]) if self._conv else z)
-        out = out.reshape(*lead, -1)                                         # (..., p)
+        out = _fp32(out).reshape(*lead, -1)                                  # (..., p)
         if self.likelihood == "bernoulli":
             return Bernoulli(logits=out, validate_args=False)
         if self.likelihood == "cbernoulli":

@@ -54,6 +54,20 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def bf16_autocast(device: torch.device):
+    """bf16 autocast for the training step on `device` (CUDA, or a CPU).
+
+    On a CPU without native bf16 arithmetic (AVX-512 BF16 or AMX) bf16 is emulated and slower than
+    float32; it still trains correctly, so this warns instead of refusing.
+    """
+    if device.type == "cpu" and not torch.cpu._is_avx512_bf16_supported() and not torch.cpu._is_amx_tile_supported():
+        import warnings
+
+        warnings.warn("train.bf16: this CPU has no native bf16 arithmetic (AVX-512 BF16 or AMX), so bf16 "
+                      "autocast is emulated and slower than float32; drop --bf16 on this machine")
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
 def prepare(cfg: RunConfig, train: Dataset, val: Optional[Dataset] = None):
     """Fill the config from the data (input size, image shape, standardization) and split.
 
@@ -270,8 +284,7 @@ def fit(cfg: RunConfig, X: np.ndarray, X_val: Optional[np.ndarray] = None, *, ru
 
         bar = tqdm(total=t.epochs, initial=state["epoch"], desc="train", unit="epoch", dynamic_ncols=True)
 
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if t.bf16 and device.type == "cuda"
-                else _nullcontext())
+    autocast = bf16_autocast(device) if t.bf16 else _nullcontext()
     stopped_early = False
     interrupted = None
     stopper = _SignalStop() if handle_signals else _nullcontext()
@@ -279,6 +292,7 @@ def fit(cfg: RunConfig, X: np.ndarray, X_val: Optional[np.ndarray] = None, *, ru
     last_save = time.monotonic()
     with stopper, _FlushDenormals():
         while epoch < t.epochs:
+            t0 = time.perf_counter()  # the epoch's time includes drawing its permutation and binarization
             module.train()
             beta = t.beta * min(1.0, (epoch + 1) / t.warmup_epochs) if t.warmup_epochs else t.beta
             g = torch.Generator(device="cpu").manual_seed(_epoch_seed(t.seed, epoch, info.rank))
@@ -296,7 +310,6 @@ def fit(cfg: RunConfig, X: np.ndarray, X_val: Optional[np.ndarray] = None, *, ru
             kl_dim_sum = state["kl_dim_sum"] if start_step else None
             kl_dim_sum = (torch.zeros(cfg.model.latent_dim, dtype=torch.float64, device=device) if kl_dim_sum is None
                           else kl_dim_sum.to(device))
-            t0 = time.perf_counter()
             for step in range(start_step, steps_per_epoch):
                 idx = perm[step * local_bs:(step + 1) * local_bs]
                 xb = X_epoch[idx]
