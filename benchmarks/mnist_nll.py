@@ -83,10 +83,16 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     ap.add_argument("--batch-size", type=int, help="override the configurations' batch size")
     ap.add_argument("--lr", type=float, help="override the configurations' learning rate")
+    ap.add_argument("--val-fraction", type=float, default=0.0,
+                    help="hold out this share of the training images and keep the weights of the epoch with the "
+                         "best validation ELBO (default 0: train on all 60,000 images and keep the epoch with the "
+                         "lowest training loss)")
     ap.add_argument("--log-every", type=int, default=10, metavar="N", help="print a line every N epochs")
     args = ap.parse_args(argv)
     if not args.data_dir:
         ap.error("no MNIST folder: pass --data-dir or set VAELENS_DATA_DIR")
+    if not 0.0 <= args.val_fraction < 1.0:
+        ap.error(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     names = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = [c for c in names if c not in CONFIGS]
     if unknown:
@@ -95,7 +101,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
-    dcfg = DataConfig(name="mnist", data_dir=args.data_dir, binarize="dynamic", val_fraction=0.0,
+    dcfg = DataConfig(name="mnist", data_dir=args.data_dir, binarize="dynamic", val_fraction=args.val_fraction,
                       limit=args.limit_train)
     train_ds = data_mod.load(dcfg, "train")
     test_ds = data_mod.load(dcfg, "test")
@@ -132,7 +138,7 @@ def main(argv=None) -> int:
         row = {"config": name, "nll": ev.nll, "nll_se": ev.to_dict()["log_likelihood_se"],
                "elbo": float(ev.elbo.mean()),
                "active_units": ev.active_units, "mutual_information": ev.mutual_information,
-               "epochs": res.epochs_run, "train_s": train_s, "eval_s": eval_s, "paper": PAPER[name],
+               "epochs": res.epochs_run, "best_epoch": res.best_epoch, "n_train": len(X), "train_s": train_s, "eval_s": eval_s, "paper": PAPER[name],
                "objective": cfg.train.objective, "iw_samples_train": cfg.train.iw_samples,
                "batch_size": cfg.train.batch_size, "lr": cfg.train.lr,
                "hidden": list(cfg.model.hidden), "activation": cfg.model.activation, "n_test": len(X_test), "eval_k": args.eval_k}
