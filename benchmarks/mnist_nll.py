@@ -138,10 +138,12 @@ def main(argv=None) -> int:
         row = {"config": name, "nll": ev.nll, "nll_se": ev.to_dict()["log_likelihood_se"],
                "elbo": float(ev.elbo.mean()),
                "active_units": ev.active_units, "mutual_information": ev.mutual_information,
-               "epochs": res.epochs_run, "best_epoch": res.best_epoch, "n_train": len(X), "train_s": train_s, "eval_s": eval_s, "paper": PAPER[name],
+               "epochs": res.epochs_run, "best_epoch": res.best_epoch, "n_train": len(X),
+               "train_s": train_s, "eval_s": eval_s, "paper": PAPER[name],
                "objective": cfg.train.objective, "iw_samples_train": cfg.train.iw_samples,
                "batch_size": cfg.train.batch_size, "lr": cfg.train.lr,
-               "hidden": list(cfg.model.hidden), "activation": cfg.model.activation, "n_test": len(X_test), "eval_k": args.eval_k}
+               "hidden": list(cfg.model.hidden), "activation": cfg.model.activation,
+               "n_test": len(X_test), "eval_k": args.eval_k}
         results.append(row)
         print(f"  {name}: -log p(x) {ev.nll:.2f} nats after {res.epochs_run} epochs "
               f"({train_s:.0f} s training, {eval_s:.0f} s evaluation)", flush=True)

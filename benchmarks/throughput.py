@@ -135,7 +135,7 @@ def main() -> None:
                     train=TrainConfig(epochs=args.epochs, batch_size=128, lr=1e-3))
 
     def timed_fit(cfg):
-        """Samples/s over epochs 2.. (an epoch's time includes its binarization), and the final -ELBO."""
+        """Mean samples/s over epochs 2.. (an epoch's time includes its binarization), and the TrainResult."""
         result = fit(cfg, X, None, progress=False)
         timed = result.history[1:] if len(result.history) > 1 else result.history
         return float(np.mean([h["samples_per_s"] for h in timed])), result

@@ -177,7 +177,8 @@ def _add_train(sub) -> None:
     g.add_argument("--seed", type=int, help="random seed (0)")
     g.add_argument("--seeds", type=_seed_list, help="train one run per seed, in OUT/seed-S")
     g.add_argument("--device", choices=DEVICES, help="auto picks cuda when available")
-    g.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast for training (CUDA, or a CPU with native bf16)")
+    g.add_argument("--bf16", action="store_true", default=None,
+                   help="bf16 autocast for training (CUDA, or a CPU with native bf16)")
     g = p.add_argument_group("output")
     g.add_argument("--out", type=Path, help="run directory (default runs/<data>-<time>)")
     g.add_argument("--config", type=Path, help="start from this config.json; flags override it")
