@@ -17,6 +17,7 @@ The full protocol (paper: 3280 epochs) takes hours on a CPU; --epochs, --eval-k,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 
 from vaelens import data as data_mod
-from vaelens.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from vaelens.config import ConfigError, DataConfig, ModelConfig, RunConfig, TrainConfig
 from vaelens.evaluate import evaluate, iwae_log_likelihood
 from vaelens.train import fit, prepare
 
@@ -83,6 +84,13 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     ap.add_argument("--batch-size", type=int, help="override the configurations' batch size")
     ap.add_argument("--lr", type=float, help="override the configurations' learning rate")
+    ap.add_argument("--iw-samples", type=int, help="override the configurations' k of the IWAE objective")
+    ap.add_argument("--hidden", help="override the configurations' hidden layers, e.g. 400,400")
+    ap.add_argument("--activation", help="override the configurations' activation")
+    ap.add_argument("--optimizer", help="override the configurations' optimizer (adam, adamw)")
+    ap.add_argument("--weight-decay", type=float, help="override the configurations' weight decay")
+    ap.add_argument("--bf16", action="store_true",
+                    help="train under bfloat16 autocast (CPUs with native bf16, or CUDA); evaluation stays float32")
     ap.add_argument("--val-fraction", type=float, default=0.0,
                     help="hold out this share of the training images and keep the weights of the epoch with the "
                          "best validation ELBO (default 0: train on all 60,000 images and keep the epoch with the "
@@ -98,6 +106,10 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"unknown config(s) {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
 
+    try:
+        hidden = None if args.hidden is None else tuple(int(h) for h in args.hidden.split(","))
+    except ValueError:
+        ap.error(f"--hidden must be comma-separated integers, got {args.hidden!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
@@ -115,9 +127,17 @@ def main(argv=None) -> int:
     results = []
     for name in names:
         model, train_kw = CONFIGS[name]
-        train_kw = {**train_kw, **{k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr)) if v}}
+        overrides = dict(batch_size=args.batch_size, lr=args.lr, iw_samples=args.iw_samples,
+                         optimizer=args.optimizer, weight_decay=args.weight_decay, bf16=args.bf16 or None)
+        train_kw = {**train_kw, **{k: v for k, v in overrides.items() if v is not None}}
+        model = dataclasses.replace(model, **{k: v for k, v in (("hidden", hidden), ("activation", args.activation))
+                                              if v is not None})
         cfg = RunConfig(data=dcfg, model=model,
                         train=TrainConfig(epochs=args.epochs, seed=args.seed, device="cpu", **train_kw))
+        try:
+            cfg.validate()
+        except ConfigError as e:
+            ap.error(str(e))
         cfg, X, X_val = prepare(cfg, train_ds)
         t0 = time.perf_counter()
         def log(rec, name=name):

@@ -24,6 +24,8 @@ def test_help_on_every_command_with_an_example():
     for name, p in sub.choices.items():
         text = p.format_help()
         assert "example" in text, f"`vaelens {name} --help` has no example"
+        # flags whose default the config fills must not claim a default of None
+        assert "default: None" not in " ".join(text.split()), f"`vaelens {name} --help` shows (default: None)"
     assert run("--help", check_rc=0).stdout.startswith("usage: vaelens")
 
 

@@ -27,7 +27,12 @@ _EPILOG_TRAIN = """examples:
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+    # Most flags default to None so that the config (or the data set's own default, named in the
+    # help text) fills them; "(default: None)" after those would be noise, and wrong.
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 class _Parser(argparse.ArgumentParser):
