@@ -7,10 +7,10 @@ random data of the same shape is used and the output says so.
 FLOPs are counted as 2 per multiply-add of the Linear layers only (activations, the loss and the
 optimizer are not counted); a training step is counted as 3x the forward pass (forward, and a backward
 that computes gradients for both inputs and weights). The ceiling is the best of several fp32
-matrix products of 2048 x 2048 with torch on all threads, measured before and after training (the
+matrix products of 2048 x 2048 with torch on all threads (8192 x 8192 on a GPU), measured before and after training (the
 higher of the two is used).
 
-Run:  python benchmarks/throughput.py --data-dir ../shared/data/mnist [--epochs 3] [--iw-k 5000]
+Run:  python benchmarks/throughput.py --data-dir ../shared/data/mnist [--epochs 3] [--iw-k 5000] [--device cuda]
 """
 
 from __future__ import annotations
@@ -37,15 +37,24 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
-def matmul_ceiling(n: int = 2048, reps: int = 10, dtype=torch.float32) -> float:
-    """Best observed GFLOP/s of an n x n matrix product in `dtype`."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_ceiling(n: int = 2048, reps: int = 10, dtype=torch.float32, device: str = "cpu") -> float:
+    """Best observed GFLOP/s of an n x n matrix product in `dtype` on `device`."""
+    if device == "cuda":
+        n = max(n, 8192)  # a 2048^3 product is too short to keep a data-centre GPU busy
+    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
     for _ in range(3):
         a @ b
     best = math.inf
     for _ in range(reps):
+        _sync(device)
         t0 = time.perf_counter()
         a @ b
+        _sync(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best / 1e9
 
@@ -70,20 +79,20 @@ def load_mnist(data_dir):
             "random stand-in for MNIST (60000 x 784)")
 
 
-def plain_loop(X: np.ndarray, epochs: int, seed: int = 0):
+def plain_loop(X: np.ndarray, epochs: int, seed: int = 0, device: str = "cpu"):
     """A minimal hand-written PyTorch VAE loop (default Adam, sigmoid+BCE), the comparison baseline."""
     import torch.nn as nn
     import torch.nn.functional as F
 
     torch.manual_seed(seed)
-    enc = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 64))
-    dec = nn.Sequential(nn.Linear(32, 256), nn.ReLU(), nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 784))
+    enc = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 64)).to(device)
+    dec = nn.Sequential(nn.Linear(32, 256), nn.ReLU(), nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 784)).to(device)
     opt = torch.optim.Adam(list(enc.parameters()) + list(dec.parameters()), lr=1e-3)
-    Xt = torch.as_tensor(X)
+    Xt = torch.as_tensor(X).to(device)
     n = len(Xt)
     t0 = time.perf_counter()
     for epoch in range(epochs):
-        perm = torch.randperm(n)
+        perm = torch.randperm(n, device=device)
         tot = 0.0
         for i in range(0, n, 128):
             x = torch.bernoulli(Xt[perm[i:i + 128]])
@@ -111,18 +120,23 @@ def main() -> None:
     ap.add_argument("--skip-plain", action="store_true", help="skip the hand-written baseline loop")
     ap.add_argument("--bf16", action="store_true",
                     help="also time training with bf16 autocast, against the bf16 matmul ceiling")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="where to train and evaluate (cuda: the data set lives on the GPU; the ceiling is the GPU's)")
     args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: torch sees no CUDA device")
+    dev = args.device
 
     from vaelens import evaluate
     from vaelens.config import DataConfig, ModelConfig, RunConfig, TrainConfig
     from vaelens.train import fit
 
     torch.set_flush_denormal(True)
-    print(f"# machine: {machine()}")
+    print(f"# machine: {machine()}" + (f"; GPU: {torch.cuda.get_device_name()}" if dev == "cuda" else ""))
     # The VM's speed drifts by tens of percent within minutes: the ceiling is measured before and after
     # training and the higher figure is used, so drift cannot flatter the fraction.
-    ceiling_before = matmul_ceiling()
-    print(f"fp32 matmul ceiling (2048^3) before training: {ceiling_before:.1f} GFLOP/s")
+    ceiling_before = matmul_ceiling(device=dev)
+    print(f"fp32 matmul ceiling before training: {ceiling_before:.1f} GFLOP/s")
 
     X, X_test, source = load_mnist(args.data_dir)
     print(f"# data: {source}")
@@ -132,7 +146,7 @@ def main() -> None:
 
     cfg = RunConfig(data=DataConfig(binarize="dynamic", val_fraction=0.0),
                     model=ModelConfig(latent_dim=32, hidden=(512, 256), input_dim=784, image_shape=(28, 28)),
-                    train=TrainConfig(epochs=args.epochs, batch_size=128, lr=1e-3))
+                    train=TrainConfig(epochs=args.epochs, batch_size=128, lr=1e-3, device=dev))
 
     def timed_fit(cfg):
         """Mean samples/s over epochs 2.. (an epoch's time includes its binarization), and the TrainResult."""
@@ -142,38 +156,40 @@ def main() -> None:
 
     sps, result = timed_fit(cfg)
     gflops = sps * train_flops_per_sample / 1e9
-    ceiling_after = matmul_ceiling()
+    ceiling_after = matmul_ceiling(device=dev)
     ceiling = max(ceiling_before, ceiling_after)
     print(f"fp32 matmul ceiling after training: {ceiling_after:.1f} GFLOP/s; used: {ceiling:.1f}")
     print(f"vaelens training: {sps:,.0f} samples/s, {gflops:.1f} GFLOP/s = {gflops / ceiling:.0%} of the ceiling "
           f"(mean of epochs 2..{args.epochs}; -ELBO after {args.epochs} epochs {result.history[-1]['train_loss']:.2f})")
 
     if args.bf16:
-        bf16_ceiling = matmul_ceiling(dtype=torch.bfloat16)
+        bf16_ceiling = matmul_ceiling(dtype=torch.bfloat16, device=dev)
         bf_sps, bf_result = timed_fit(cfg.replace(train={"bf16": True}))
         bf_gflops = bf_sps * train_flops_per_sample / 1e9
-        print(f"bf16 matmul ceiling (2048^3): {bf16_ceiling:.1f} GFLOP/s")
+        print(f"bf16 matmul ceiling: {bf16_ceiling:.1f} GFLOP/s")
         print(f"vaelens training, bf16 autocast: {bf_sps:,.0f} samples/s, {bf_gflops:.1f} GFLOP/s = "
               f"{bf_gflops / bf16_ceiling:.0%} of the bf16 ceiling, {bf_gflops / ceiling:.0%} of the fp32 one; "
               f"{bf_sps / sps:.2f}x float32 (-ELBO after {args.epochs} epochs "
               f"{bf_result.history[-1]['train_loss']:.2f})")
 
     if not args.skip_plain:
-        plain_sps, plain_loss = plain_loop(X, args.epochs)
+        plain_sps, plain_loss = plain_loop(X, args.epochs, device=dev)
         print(f"plain PyTorch loop: {plain_sps:,.0f} samples/s, {plain_sps * train_flops_per_sample / 1e9:.1f} GFLOP/s "
               f"(-ELBO after {args.epochs} epochs {plain_loss:.2f}; includes its first epoch)")
         print(f"speed-up over the plain loop: {sps / plain_sps:.2f}x")
 
     module = result.module.eval()
-    Xt = torch.as_tensor((X_test > 0.5).astype(np.float32))
+    Xt = torch.as_tensor((X_test > 0.5).astype(np.float32)).to(dev)
     t0 = time.perf_counter()
     evaluate.encode_all(module, Xt)
+    _sync(dev)
     dt = time.perf_counter() - t0
     print(f"encoding: {len(Xt) / dt:,.0f} samples/s ({len(Xt)} test images)")
 
     sub = Xt[:args.iw_n]
     t0 = time.perf_counter()
     evaluate.iwae_log_likelihood(module, sub, k=args.iw_k)
+    _sync(dev)
     dt = time.perf_counter() - t0
     pairs = args.iw_n * args.iw_k
     print(f"IWAE evaluation, k={args.iw_k}: {pairs / dt:,.0f} (image, sample) pairs/s; {args.iw_n} images in "
