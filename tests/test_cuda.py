@@ -35,9 +35,10 @@ def test_training_on_cuda_matches_cpu_and_checkpoints_load_on_cpu(tmp_path):
     cpu = train.fit(cfg.replace(train={"device": "cpu"}), X, Xv, progress=False)
     assert next(gpu.module.parameters()).device.type == "cuda"
     # Same seeds, shuffles and initial weights; only the Gaussian noise differs (CUDA and the CPU draw
-    # different streams). Measured on the CPU across seeds: the loss after 5 epochs moves by under 1%
-    # of its ~44 nats with the noise alone, so allow 3%.
-    assert gpu.history[-1]["val_loss"] == pytest.approx(cpu.history[-1]["val_loss"], rel=0.03)
+    # different streams). Measured on the CPU with seeds 1-6, where the initial weights and the shuffles
+    # change too: validation losses after 5 epochs 39.1-40.3, a spread of 2.9%; the noise alone moves
+    # them less, so 5% cannot fail by chance and still catches a GPU step that trains differently.
+    assert gpu.history[-1]["val_loss"] == pytest.approx(cpu.history[-1]["val_loss"], rel=0.05)
     assert gpu.history[-1]["val_loss"] < gpu.history[0]["val_loss"]
     # a run trained on the GPU loads on a machine without one
     est = VAE.load(tmp_path / "gpu", device="cpu")
@@ -65,8 +66,8 @@ def test_evaluate_on_cuda_agrees_with_cpu():
     on_gpu = evaluate(module, Xv[:64], iw_samples=200, seed=0)
     on_cpu = evaluate(module.to("cpu"), Xv[:64], iw_samples=200, seed=0)
     # Each row draws its own seeded noise on its device, so the two differ by Monte Carlo error only:
-    # with k = 200 on this small model the per-image estimate moves by well under 0.5 nats (std over
-    # seeds measured on the CPU: about 0.05), and the mean over 64 images by less.
+    # measured on the CPU over 6 evaluation seeds with k = 200, the per-image estimate has a std of
+    # 0.08 nats on average (0.15 at most) and the mean over 64 images stays within 0.03; allow 0.5.
     assert on_gpu.nll == pytest.approx(on_cpu.nll, abs=0.5)
     assert np.all(on_gpu.log_likelihood >= on_gpu.elbo - 1e-3)
 
