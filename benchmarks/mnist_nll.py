@@ -161,7 +161,8 @@ def main(argv=None) -> int:
                "epochs": res.epochs_run, "best_epoch": res.best_epoch, "n_train": len(X),
                "train_s": train_s, "eval_s": eval_s, "paper": PAPER[name],
                "objective": cfg.train.objective, "iw_samples_train": cfg.train.iw_samples,
-               "batch_size": cfg.train.batch_size, "lr": cfg.train.lr,
+               "batch_size": cfg.train.batch_size, "lr": cfg.train.lr, "bf16": cfg.train.bf16,
+               "weight_decay": cfg.train.weight_decay, "optimizer": cfg.train.optimizer,
                "hidden": list(cfg.model.hidden), "activation": cfg.model.activation,
                "n_test": len(X_test), "eval_k": args.eval_k}
         results.append(row)
