@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from vaelens import data as data_mod
+from vaelens.cli import _int_list
 from vaelens.config import ConfigError, DataConfig, ModelConfig, RunConfig, TrainConfig
 from vaelens.evaluate import evaluate, iwae_log_likelihood
 from vaelens.train import fit, prepare
@@ -89,7 +90,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, help="override the configurations' batch size")
     ap.add_argument("--lr", type=float, help="override the configurations' learning rate")
     ap.add_argument("--iw-samples", type=int, help="override the configurations' k of the IWAE objective")
-    ap.add_argument("--hidden", help="override the configurations' hidden layers, e.g. 400,400")
+    ap.add_argument("--hidden", type=_int_list, help="override the configurations' hidden layers, e.g. 400,400")
     ap.add_argument("--activation", help="override the configurations' activation")
     ap.add_argument("--optimizer", help="override the configurations' optimizer (adam, adamw)")
     ap.add_argument("--weight-decay", type=float, help="override the configurations' weight decay")
@@ -111,10 +112,6 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"unknown config(s) {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
 
-    try:
-        hidden = None if args.hidden is None else tuple(int(h) for h in args.hidden.split(","))
-    except ValueError:
-        ap.error(f"--hidden must be comma-separated integers, got {args.hidden!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
@@ -129,15 +126,16 @@ def main(argv=None) -> int:
     print(f"data: MNIST, {train_ds.n} training images (dynamic binarization), {len(X_test)} test images; "
           f"evaluation k = {args.eval_k}")
 
+    train_overrides = {k: v for k, v in dict(
+        batch_size=args.batch_size, lr=args.lr, iw_samples=args.iw_samples, optimizer=args.optimizer,
+        weight_decay=args.weight_decay, bf16=None if args.precision is None else args.precision == "bf16",
+    ).items() if v is not None}
+    model_overrides = {k: v for k, v in dict(hidden=args.hidden, activation=args.activation).items() if v is not None}
     results = []
     for name in names:
         model, train_kw = CONFIGS[name]
-        overrides = dict(batch_size=args.batch_size, lr=args.lr, iw_samples=args.iw_samples,
-                         optimizer=args.optimizer, weight_decay=args.weight_decay,
-                         bf16=None if args.precision is None else args.precision == "bf16")
-        train_kw = {**train_kw, **{k: v for k, v in overrides.items() if v is not None}}
-        model = dataclasses.replace(model, **{k: v for k, v in (("hidden", hidden), ("activation", args.activation))
-                                              if v is not None})
+        model = dataclasses.replace(model, **model_overrides)
+        train_kw = {**train_kw, **train_overrides}
         cfg = RunConfig(data=dcfg, model=model,
                         train=TrainConfig(epochs=args.epochs, seed=args.seed, device="cpu", **train_kw))
         try:

@@ -3,34 +3,21 @@ NCCL under torchrun. Skipped where torch sees no CUDA device (CI has none); run 
 `python -m pytest -q tests/test_cuda.py`."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from vaelens import VAE, data, train
-from vaelens.config import ModelConfig, RunConfig, TrainConfig
+from vaelens import VAE, train
 from vaelens.evaluate import evaluate
+
+from _helpers import prepared, small_cfg, torchrun
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device")
 
 
-def _cfg(device, **train_kw):
-    t = dict(epochs=5, batch_size=64, seed=1, device=device)
-    t.update(train_kw)
-    return RunConfig(model=ModelConfig(latent_dim=3, hidden=(32,)), train=TrainConfig(**t))
-
-
-def _prepared(cfg, n=400):
-    return train.prepare(cfg, data.load_digits().subset(np.arange(n)))
-
-
 def test_training_on_cuda_matches_cpu_and_checkpoints_load_on_cpu(tmp_path):
-    cfg, X, Xv = _prepared(_cfg("cuda"))
+    cfg, X, Xv = prepared(small_cfg(epochs=5, device="cuda"))
     gpu = train.fit(cfg, X, Xv, progress=False, run_dir=tmp_path / "gpu", checkpoint_interval_s=0)
     cpu = train.fit(cfg.replace(train={"device": "cpu"}), X, Xv, progress=False)
     assert next(gpu.module.parameters()).device.type == "cuda"
@@ -50,7 +37,7 @@ def test_training_on_cuda_matches_cpu_and_checkpoints_load_on_cpu(tmp_path):
 
 
 def test_bf16_autocast_on_cuda_keeps_float32_parameters():
-    cfg, X, Xv = _prepared(_cfg("cuda"))
+    cfg, X, Xv = prepared(small_cfg(epochs=5, device="cuda"))
     full = train.fit(cfg, X, Xv, progress=False)
     half = train.fit(cfg.replace(train={"bf16": True}), X, Xv, progress=False)
     assert not torch.equal(full.module.encoder.mu_head.weight, half.module.encoder.mu_head.weight)
@@ -61,7 +48,7 @@ def test_bf16_autocast_on_cuda_keeps_float32_parameters():
 
 
 def test_evaluate_on_cuda_agrees_with_cpu():
-    cfg, X, Xv = _prepared(_cfg("cuda"))
+    cfg, X, Xv = prepared(small_cfg(epochs=5, device="cuda"))
     module = train.fit(cfg, X, Xv, progress=False).module
     on_gpu = evaluate(module, Xv[:64], iw_samples=200, seed=0)
     on_cpu = evaluate(module.to("cpu"), Xv[:64], iw_samples=200, seed=0)
@@ -72,19 +59,9 @@ def test_evaluate_on_cuda_agrees_with_cpu():
     assert np.all(on_gpu.log_likelihood >= on_gpu.elbo - 1e-3)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun_train(out, nproc, epochs=3):
-    env = dict(os.environ, VAELENS_OFFLINE="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}",
-           "-m", "vaelens", "train", "--device", "cuda", "--epochs", str(epochs), "--hidden", "64",
-           "--latent-dim", "4", "--batch-size", "128", "--no-progress", "--out", str(out)]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert p.returncode == 0, p.stdout + p.stderr
+    torchrun("train", "--device", "cuda", "--epochs", epochs, "--hidden", "64", "--latent-dim", "4",
+             "--batch-size", "128", "--no-progress", "--out", out, nproc=nproc)
     return json.loads((out / "summary.json").read_text())
 
 

@@ -2,25 +2,10 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _torchrun(*args, nproc=2):
-    env = dict(os.environ, VAELENS_OFFLINE="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={_free_port()}", "-m", "vaelens", *map(str, args)]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert p.returncode == 0, p.stdout + p.stderr
-    return p
+from _helpers import torchrun as _torchrun
 
 
 def _single(*args):

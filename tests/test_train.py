@@ -10,17 +10,7 @@ from vaelens import data, train
 from vaelens.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from vaelens.errors import TrainingDiverged
 
-
-def small_cfg(**train_kw):
-    t = dict(epochs=3, batch_size=64, seed=1)
-    t.update(train_kw)
-    return RunConfig(model=ModelConfig(latent_dim=3, hidden=(32,)), train=TrainConfig(**t))
-
-
-def prepared(cfg, n=400):
-    ds = data.load_digits()
-    ds = ds.subset(np.arange(n))
-    return train.prepare(cfg, ds)
+from _helpers import prepared, small_cfg
 
 
 def test_same_seed_same_weights(tmp_path):

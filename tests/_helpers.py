@@ -1,0 +1,39 @@
+"""Helpers shared by several test modules: a small training config on digits, and torchrun."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+from vaelens import data, train
+from vaelens.config import ModelConfig, RunConfig, TrainConfig
+
+
+def small_cfg(**train_kw):
+    t = dict(epochs=3, batch_size=64, seed=1)
+    t.update(train_kw)
+    return RunConfig(model=ModelConfig(latent_dim=3, hidden=(32,)), train=TrainConfig(**t))
+
+
+def prepared(cfg, n=400):
+    ds = data.load_digits()
+    ds = ds.subset(np.arange(n))
+    return train.prepare(cfg, ds)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args, nproc=2):
+    """`torchrun --nproc_per_node=nproc -m vaelens ARGS`, one thread per process; asserts it succeeded."""
+    env = dict(os.environ, VAELENS_OFFLINE="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           f"--master_port={free_port()}", "-m", "vaelens", *map(str, args)]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return p
