@@ -1029,16 +1029,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    from . import dist
     from .errors import VaelensError
 
-    if args.command not in DISTRIBUTED_COMMANDS:
-        from . import dist
-
-        if not dist.env_info().is_main:
-            # started by torchrun: rank 0 does the work and writes the output once
-            return 0
+    if args.command not in DISTRIBUTED_COMMANDS and not dist.env_info().is_main:
+        # started by torchrun: rank 0 does the work and writes the output once
+        return 0
     try:
-        return int(args.func(args) or 0)
+        rc = int(args.func(args) or 0)
+        # Under torchrun, ranks finish at different times (rank 0 alone writes and prints); one that
+        # destroys the gloo group while another is still working can abort at exit (seen: SIGABRT,
+        # "terminate called without an active exception"), so all meet here first.
+        dist.barrier()
+        return rc
     except VaelensError as e:
         if args.debug:
             raise
@@ -1052,8 +1055,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except BrokenPipeError:
         return 0
     finally:
-        from . import dist
-
         dist.teardown()
 
 
