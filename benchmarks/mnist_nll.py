@@ -53,8 +53,11 @@ CONFIGS = {
     # (85.22 after 640 epochs, 85.24 after 230) and a tighter bound gains more than further epochs.
     # bf16 autocast for the training step (distribution parameters and losses stay float32): on a CPU
     # with native bf16 it makes k = 20 cost what k = 10 costs in float32, so 300 epochs fit in 2 hours.
+    # The doubly reparameterized encoder gradient (DReG) costs nothing extra per step and was 2.1 nats
+    # ahead after 40 epochs on 12,000 images in a pilot (94.98 against 97.05 on 1,000 test images).
     "best": (ModelConfig(latent_dim=50, hidden=(400, 400), activation="relu", likelihood="bernoulli"),
-             dict(objective="iwae", iw_samples=20, batch_size=100, lr=1e-3, schedule="cosine", bf16=True)),
+             dict(objective="iwae", iw_samples=20, dreg=True, batch_size=100, lr=1e-3, schedule="cosine",
+                  bf16=True)),
 }
 
 
@@ -90,6 +93,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, help="override the configurations' batch size")
     ap.add_argument("--lr", type=float, help="override the configurations' learning rate")
     ap.add_argument("--iw-samples", type=int, help="override the configurations' k of the IWAE objective")
+    ap.add_argument("--dreg", action=argparse.BooleanOptionalAction,
+                    help="override whether the IWAE objective uses the doubly reparameterized encoder gradient")
     ap.add_argument("--hidden", type=_int_list, help="override the configurations' hidden layers, e.g. 400,400")
     ap.add_argument("--activation", help="override the configurations' activation")
     ap.add_argument("--optimizer", help="override the configurations' optimizer (adam, adamw)")
@@ -128,7 +133,7 @@ def main(argv=None) -> int:
 
     train_overrides = {k: v for k, v in dict(
         batch_size=args.batch_size, lr=args.lr, iw_samples=args.iw_samples, optimizer=args.optimizer,
-        weight_decay=args.weight_decay, bf16=None if args.precision is None else args.precision == "bf16",
+        weight_decay=args.weight_decay, dreg=args.dreg, bf16=None if args.precision is None else args.precision == "bf16",
     ).items() if v is not None}
     model_overrides = {k: v for k, v in dict(hidden=args.hidden, activation=args.activation).items() if v is not None}
     results = []
@@ -164,7 +169,7 @@ def main(argv=None) -> int:
                "active_units": ev.active_units, "mutual_information": ev.mutual_information,
                "epochs": res.epochs_run, "best_epoch": res.best_epoch, "n_train": len(X),
                "train_s": train_s, "eval_s": eval_s, "paper": PAPER[name],
-               "objective": cfg.train.objective, "iw_samples_train": cfg.train.iw_samples,
+               "objective": cfg.train.objective, "iw_samples_train": cfg.train.iw_samples, "dreg": cfg.train.dreg,
                "batch_size": cfg.train.batch_size, "lr": cfg.train.lr, "bf16": cfg.train.bf16,
                "weight_decay": cfg.train.weight_decay, "optimizer": cfg.train.optimizer,
                "hidden": list(cfg.model.hidden), "activation": cfg.model.activation,

@@ -109,3 +109,65 @@ def test_free_bits_floors_each_dimension():
     loss_fb, t = m(x, free_bits=100.0)
     # every dimension's KL is below 100 nats, so each counts as exactly 100
     assert torch.allclose(loss_fb, -(t.rec.mean()) + 3 * 100.0, atol=1e-3)
+
+
+def _encoder_grads(m, x, K, groups, *, dreg=False, stl=False):
+    """One flattened encoder gradient per group, each the mean over the rows of x (independent draws)."""
+    enc = list(m.encoder.parameters())
+    out = []
+    for g in range(groups):
+        torch.manual_seed(1000 + g)
+        if stl:
+            # the biased "sticking the landing" gradient for IWAE: log q held fixed, no re-weighting
+            lw = m._log_weights(x, K, dreg=True)[0]
+            loss = -(torch.logsumexp(lw, 0) - math.log(K)).mean()
+        else:
+            loss, _ = m(x, objective="iwae", iw_samples=K, dreg=dreg)
+        grads = torch.autograd.grad(loss, enc)
+        out.append(torch.cat([g_.flatten() for g_ in grads]))
+    return torch.stack(out).double()                                    # (groups, n_params)
+
+
+def _mean_t2(a, b):
+    """Mean over coordinates of the squared Welch t statistic of mean(a) - mean(b): about 1 when unbiased."""
+    se2 = a.var(0) / len(a) + b.var(0) / len(b)
+    keep = se2 > 0
+    return (((a.mean(0) - b.mean(0))[keep] ** 2) / se2[keep]).mean().item()
+
+
+def test_dreg_keeps_the_loss_and_decoder_gradient_and_is_unbiased_for_the_encoder():
+    m = make(latent_dim=2, hidden=(8,))
+    x = torch.rand(1, 64).expand(400, 64)   # 400 independent K-sample draws for one image per group
+    K = 8
+    torch.manual_seed(3)
+    l_std, _ = m(x, objective="iwae", iw_samples=K)
+    g_std = torch.autograd.grad(l_std, list(m.decoder.parameters()))
+    torch.manual_seed(3)
+    l_dreg, _ = m(x, objective="iwae", iw_samples=K, dreg=True)
+    g_dreg = torch.autograd.grad(l_dreg, list(m.decoder.parameters()))
+    # same draws: the same loss value and the same decoder gradient, up to float32 rounding
+    torch.testing.assert_close(l_dreg, l_std)
+    for a, b in zip(g_dreg, g_std):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+    # Encoder: E[DReG] = E[standard IWAE gradient]. 60 groups of 400 draws per estimator; the statistic is the
+    # mean over coordinates of the squared Welch t of the difference, ~1 when unbiased. The coordinates are
+    # strongly correlated, so it spreads far more than chi-square/n would: measured 0.5-3.3 on 30-group
+    # subsets over three models, 0.67 on 150 groups (it does not grow with the groups, as a bias would).
+    # Hence a bound of 6; the biased STL gradient with the same draws scores in the thousands.
+    std = _encoder_grads(m, x, K, 60)
+    dreg = _encoder_grads(m, x, K, 60, dreg=True)
+    stl = _encoder_grads(m, x, K, 60, stl=True)
+    t2_dreg, t2_stl = _mean_t2(dreg, std), _mean_t2(stl, std)
+    assert t2_dreg < 6.0, t2_dreg
+    assert t2_stl > 100.0, t2_stl
+    # and its point: a lower-variance encoder gradient (measured 0.54-0.58 of the standard's at K = 8)
+    assert dreg.var(0).sum() < 0.75 * std.var(0).sum()
+
+
+def test_dreg_needs_the_iwae_objective():
+    from vaelens.config import TrainConfig
+    from vaelens.errors import ConfigError
+    with pytest.raises(ConfigError, match="dreg needs objective 'iwae'"):
+        TrainConfig(dreg=True).validate()
+    TrainConfig(objective="iwae", iw_samples=4, dreg=True).validate()

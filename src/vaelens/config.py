@@ -114,6 +114,7 @@ class TrainConfig:
     grad_clip: Optional[float] = None
     objective: str = "elbo"
     iw_samples: int = 1  # K for the IWAE objective
+    dreg: bool = False  # doubly reparameterized encoder gradient for IWAE (Tucker et al. 2018)
     beta: float = 1.0
     warmup_epochs: int = 0  # linear KL warm-up from 0 to beta
     free_bits: float = 0.0  # nats per latent dimension
@@ -148,6 +149,8 @@ class TrainConfig:
             raise ConfigError(f"{prefix}.lr_gamma must be in (0, 1], got {self.lr_gamma}")
         if self.objective == "elbo" and self.iw_samples != 1:
             raise ConfigError(f"{prefix}.iw_samples > 1 needs objective 'iwae'")
+        if self.dreg and self.objective != "iwae":
+            raise ConfigError(f"{prefix}.dreg needs objective 'iwae'")
 
 
 @dataclass(frozen=True)

@@ -199,17 +199,26 @@ class VAEModule(nn.Module):
         return Terms(rec=rec, kl=kl, kl_dim=kl_dim, elbo=rec - kl)
 
     def forward(self, x: torch.Tensor, target: Optional[torch.Tensor] = None, *, objective: str = "elbo",
-                iw_samples: int = 1, beta: float = 1.0, free_bits: float = 0.0):
+                iw_samples: int = 1, beta: float = 1.0, free_bits: float = 0.0, dreg: bool = False):
         """Scalar training loss and the per-sample `Terms` for logging.
 
         ELBO: -(mean rec - beta * KL), where with free bits each dimension's batch-mean KL counts
         as at least `free_bits` nats (Kingma et al. 2016), so nothing is gained by pushing a
-        dimension's KL below it. IWAE: -mean of the K-sample bound (Burda et al. 2016).
+        dimension's KL below it. IWAE: -mean of the K-sample bound (Burda et al. 2016). With `dreg`
+        the loss keeps its value and its decoder gradient, but the encoder gets the doubly
+        reparameterized gradient (Tucker et al. 2018): the score term of log q, zero in expectation
+        with a variance that grows with K, is dropped and the path term through z is weighted by the
+        squared normalized weights. Both encoder gradients are unbiased for the same bound.
         The training step goes through forward() so that DistributedDataParallel sees it.
         """
         if objective == "iwae":
-            lw, qz, log_px = self._log_weights(x, iw_samples, target)       # (K, n), batch (n, d), (K, n)
+            lw, qz, log_px, z = self._log_weights(x, iw_samples, target, dreg=dreg)  # (K, n), (n, d), (K, n), (K, n, d)
             bound = torch.logsumexp(lw, 0) - math.log(iw_samples)            # (n,)
+            if dreg and z.requires_grad:
+                # d bound = sum_k w_k d lw_k. The hook turns the encoder's share, reached only
+                # through z since log q's parameters are held fixed, into sum_k w_k^2 (d lw_k/dz) dz.
+                w = torch.softmax(lw.detach().float(), 0)                    # (K, n)
+                z.register_hook(lambda g: g * w.unsqueeze(-1).to(g.dtype))
             with torch.no_grad():
                 kl_dim = kl_divergence(qz, self.prior())                         # (n, d)
                 rec = log_px.mean(0)
@@ -223,15 +232,17 @@ class VAEModule(nn.Module):
         """Importance log-weights log p(x|z_k) + log p(z_k) - log q(z_k|x), shape (K, n)."""
         return self._log_weights(x, n_samples, target)[0]
 
-    def _log_weights(self, x, n_samples, target=None):
+    def _log_weights(self, x, n_samples, target=None, dreg=False):
         target = x if target is None else target
         qz = self.encoder(x)                                                 # batch (n, d)
         z = qz.rsample((n_samples,))                                         # (K, n, d)
         px = self.decoder(z)                                                 # batch (K, n, p)
         log_px = px.log_prob(target).sum(-1)                                 # (K, n)
         log_pz = self.prior().log_prob(z).sum(-1)                            # (K, n)
-        log_qz = qz.log_prob(z).sum(-1)                                      # (K, n)
-        return log_px + log_pz - log_qz, qz, log_px
+        # DReG: log q with its parameters held fixed (same value), so the encoder reaches lw through z only
+        q = Normal(qz.loc.detach(), qz.scale.detach(), validate_args=False) if dreg else qz
+        log_qz = q.log_prob(z).sum(-1)                                       # (K, n)
+        return log_px + log_pz - log_qz, qz, log_px, z
 
     def iwae_bound(self, x: torch.Tensor, n_samples: int, target: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The K-sample importance-weighted bound on log p(x), shape (n,)."""

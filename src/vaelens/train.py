@@ -315,7 +315,7 @@ def fit(cfg: RunConfig, X: np.ndarray, X_val: Optional[np.ndarray] = None, *, ru
                 xb = X_epoch[idx]
                 with autocast:
                     loss, terms = ddp_module(xb, objective=t.objective, iw_samples=t.iw_samples, beta=beta,
-                                             free_bits=t.free_bits)
+                                             free_bits=t.free_bits, dreg=t.dreg)
                 if not torch.isfinite(loss):
                     raise TrainingDiverged(_diverged_message(epoch, step, terms, "loss", run_dir if writes else None))
                 opt.zero_grad(set_to_none=True)
