@@ -40,6 +40,14 @@ def test_train_writes_a_run_and_reports(tmp_path):
     run("train", "--epochs", "1", "--latent-dim", "2", "--out", tmp_path / "r", "--force", check_rc=0)
 
 
+def test_train_iwae_with_dreg(tmp_path):
+    run("train", "--epochs", "2", "--hidden", "16", "--iw-samples", "4", "--dreg", "--out", tmp_path / "r",
+        check_rc=0)
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())["train"]
+    assert (cfg["objective"], cfg["iw_samples"], cfg["dreg"]) == ("iwae", 4, True)
+    assert "iwae(K=4) DReG" in run("info", tmp_path / "r", check_rc=0).stdout
+
+
 def test_default_out_goes_under_runs(tmp_path):
     run("train", "--epochs", "1", "--hidden", "16", cwd=tmp_path, check_rc=0)
     runs = list((tmp_path / "runs").iterdir())
@@ -103,6 +111,7 @@ def test_sample_and_info(digits_run, tmp_path):
     (["encode", "no-such-run", "--out", "x.txt"], "output must end in .npz, .csv or .parquet"),
     (["train", "--likelihood", "gaussian", "--binarize", "static"], "binarize needs a bernoulli likelihood"),
     (["train", "--arch", "conv", "--data", "t.csv"], "needs image data"),
+    (["train", "--dreg"], "train.dreg needs objective 'iwae'"),
 ])
 def test_user_errors_exit_2_without_traceback(tmp_path, args, fragment):
     (tmp_path / "t.csv").write_text("a,b\n0.1,0.2\n0.3,0.4\n0.5,0.6\n")

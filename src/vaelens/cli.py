@@ -567,7 +567,8 @@ def cmd_info(args) -> int:
     print(f"  model    {m.arch} {m.input_dim}-{'-'.join(map(str, m.hidden)) or '(linear)'}-{m.latent_dim}  "
           f"likelihood={m.likelihood}{'/' + m.gaussian_scale if m.likelihood == 'gaussian' else ''}  "
           f"activation={m.activation}")
-    print(f"  training {t.objective}{'(K=%d)' % t.iw_samples if t.objective == 'iwae' else ''} {t.optimizer} "
+    print(f"  training {t.objective}{'(K=%d)' % t.iw_samples if t.objective == 'iwae' else ''}"
+          f"{' DReG' if t.dreg else ''} {t.optimizer} "
           f"lr={t.lr:g} batch={t.batch_size} epochs={t.epochs} beta={t.beta:g} seed={t.seed}")
     if metrics:
         last = metrics[-1]

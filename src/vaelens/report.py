@@ -287,7 +287,8 @@ def _section_run(page, run_dir, cfg, ds, history, summary, vae, evaluate, seed, 
             ("model", f"{m.arch} {m.input_dim}-{'-'.join(map(str, m.hidden)) or '(linear)'}-{m.latent_dim}, "
                       f"likelihood {m.likelihood}{'/' + m.gaussian_scale if m.likelihood == 'gaussian' else ''}, "
                       f"activation {m.activation}"),
-            ("training", f"{t.objective}{' K=%d' % t.iw_samples if t.objective == 'iwae' else ''}, {t.optimizer} "
+            ("training", f"{t.objective}{' K=%d' % t.iw_samples if t.objective == 'iwae' else ''}{' DReG' if t.dreg else ''}, "
+                         f"{t.optimizer} "
                          f"lr {t.lr:g}, batch {t.batch_size}, epochs {t.epochs}, beta {t.beta:g}, seed {t.seed}"),
             ("preprocessing", f"binarize {cfg.data.binarize}, standardize {cfg.data.standardize}")]
     if summary:
