@@ -79,3 +79,73 @@ def test_other_commands_run_once_under_torchrun(tmp_path):
     a, b = np.load(tmp_path / "ddp.npz"), np.load(tmp_path / "one.npz")
     np.testing.assert_array_equal(a["mu"], b["mu"])
     np.testing.assert_array_equal(a["index"], np.arange(len(a["index"])))
+
+
+def _descendants(pid: int) -> dict:
+    """{pid: environment entries} of every living descendant of `pid` (read from /proc)."""
+    from pathlib import Path
+
+    procs = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            child, ppid = int(stat.parent.name), int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            procs[child] = (ppid, (stat.parent / "environ").read_bytes().split(b"\0"))
+        except (OSError, ValueError, IndexError):
+            continue
+    found = {}
+    for child, (ppid, environ) in procs.items():
+        p = ppid
+        while p in procs and p != pid:
+            p = procs[p][0]
+        if p == pid:
+            found[child] = environ
+    return found
+
+
+def _rank_pid(torchrun_pid: int, rank: int):
+    """The pid of the torchrun worker with RANK=rank, or None."""
+    for pid, environ in _descendants(torchrun_pid).items():
+        if f"RANK={rank}".encode() in environ and any(e.startswith(b"LOCAL_RANK=") for e in environ):
+            return pid
+    return None
+
+
+def test_signal_to_one_rank_stops_every_rank_at_the_same_step_and_resumes(tmp_path):
+    # Ctrl-C reaches the ranks between different steps, or (kill) one rank only. The ranks must agree
+    # on where to stop: one that stopped alone would leave the other waiting in its next gradient
+    # all-reduce, and rank 0 must have saved before any rank exits.
+    import signal
+    import time
+
+    from _helpers import free_port
+
+    run = tmp_path / "r"
+    env = dict(os.environ, VAELENS_OFFLINE="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           "-m", "vaelens", "train", "--epochs", "400", "--hidden", "64", "--latent-dim", "4", "--batch-size", "64",
+           "--no-progress", "--checkpoint-every", "3600", "--out", str(run)]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (
+                (run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 2):
+            time.sleep(0.05)
+        pid = _rank_pid(p.pid, 1)
+        assert pid is not None, "no rank-1 worker found"
+        os.kill(pid, signal.SIGINT)  # rank 1 alone
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:  # a hang, the failure this test is for: the workers hold the pipes open too
+            for pid in [*_descendants(p.pid), p.pid]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            p.communicate()
+    assert "stopped by SIGINT at epoch" in out, out + err
+    epochs_done = len((run / "metrics.jsonl").read_text().splitlines())
+    assert 2 <= epochs_done < 400
+    # the checkpoint rank 0 wrote on the way out holds the stop; resuming finishes the run from there
+    q = _torchrun("train", "--resume", run, "--epochs", str(epochs_done + 2), "--no-progress")
+    assert f"epochs {epochs_done + 2}" in q.stdout
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == epochs_done + 2

@@ -431,6 +431,27 @@ def test_nonfinite_gradient_is_named(monkeypatch, grad_clip):
         train_mod.fit(cfg, X, X_val)
 
 
+def test_nonfinite_gradient_on_the_last_step_is_named_before_anything_is_saved(monkeypatch, tmp_path):
+    # Without --grad-clip the gradient is not checked each step; a NaN gradient in the very last step has
+    # no next loss to show in, so the end-of-epoch weight check must name it, and no save may keep it.
+    cfg, X, X_val = _small_cfg(epochs=1)
+    init, calls = VAEModule.__init__, [0]
+
+    def poison_last_step(g):
+        calls[0] += 1
+        return torch.full_like(g, float("nan")) if calls[0] == STEPS else g
+
+    def poisoned_init(self, model_cfg):
+        init(self, model_cfg)
+        self.decoder.first.weight.register_hook(poison_last_step)
+
+    monkeypatch.setattr(VAEModule, "__init__", poisoned_init)
+    with pytest.raises(TrainingDiverged, match=rf"epoch 1, step {STEPS}: the gradient became non-finite "
+                                               r"\(both loss terms were finite\)\. No checkpoint had been written"):
+        train_mod.fit(cfg, X, X_val, run_dir=tmp_path / "run", checkpoint_interval_s=0)
+    assert not (tmp_path / "run" / ck.WEIGHTS).exists() and not ck.checkpoint_candidates(tmp_path / "run")
+
+
 def test_huge_learning_rate_through_cli(tmp_path, capsys, table_data):
     np.save(tmp_path / "t.npy", table_data)
     rc = cli_main(["train", "--data", str(tmp_path / "t.npy"), "--likelihood", "gaussian", "--lr", "1e30",

@@ -60,6 +60,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_max_int(v: int, device: torch.device) -> int:
+    """The largest of every rank's `v` (v itself outside torchrun)."""
+    if tdist.is_initialized() and tdist.get_world_size() > 1:
+        t = torch.tensor([v], dtype=torch.int64, device=device)
+        tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+        return int(t.item())
+    return v
+
+
 def barrier() -> None:
     if tdist.is_initialized() and tdist.get_world_size() > 1:
         tdist.barrier()

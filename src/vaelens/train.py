@@ -193,6 +193,18 @@ class _SignalStop:
             signal.signal(sig, old)
 
 
+def _stop_signal(stopper: "_SignalStop", device: torch.device) -> Optional[str]:
+    """The name of the signal that asks the run to stop, the same on every rank; None to go on.
+
+    Under torchrun each rank sees its signal between different steps (or only one rank gets it); a
+    rank that stopped alone would leave the others waiting in the next gradient all-reduce. So the
+    ranks agree, at every check, on the highest signal number any of them has seen.
+    """
+    num = 0 if stopper.name is None else int(signal.Signals[stopper.name])
+    num = dist.all_reduce_max_int(num, device)
+    return None if num == 0 else signal.Signals(num).name
+
+
 def fit(cfg: RunConfig, X: np.ndarray, X_val: Optional[np.ndarray] = None, *, run_dir: Optional[Path] = None,
         resume: bool = False, progress: Optional[bool] = None,
         on_epoch: Optional[Callable[[dict], None]] = None, handle_signals: bool = False,
@@ -290,6 +302,11 @@ def fit(cfg: RunConfig, X: np.ndarray, X_val: Optional[np.ndarray] = None, *, ru
     stopper = _SignalStop() if handle_signals else _nullcontext()
     epoch = state["epoch"]
     last_save = time.monotonic()
+    ck_dir = run_dir if writes else None
+    # Without clipping the gradient is not checked every step (a norm over all of it costs a few percent
+    # of a step on a CPU): a non-finite gradient makes the weights non-finite, so the next step's loss,
+    # the end of the epoch and every save check for that and name the step that did it.
+    last = None  # (epoch, step, terms) of the last completed step
     with stopper, _FlushDenormals():
         while epoch < t.epochs:
             t0 = time.perf_counter()  # the epoch's time includes drawing its permutation and binarization
@@ -317,30 +334,34 @@ def fit(cfg: RunConfig, X: np.ndarray, X_val: Optional[np.ndarray] = None, *, ru
                     loss, terms = ddp_module(xb, objective=t.objective, iw_samples=t.iw_samples, beta=beta,
                                              free_bits=t.free_bits, dreg=t.dreg)
                 if not torch.isfinite(loss):
-                    raise TrainingDiverged(_diverged_message(epoch, step, terms, "loss", run_dir if writes else None))
+                    # a non-finite gradient shows here one step late, as weights the optimizer made non-finite
+                    _check_weights(params, last, ck_dir)
+                    raise TrainingDiverged(_diverged_message(epoch, step, terms, "loss", ck_dir))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                # one norm serves the finiteness check and, when asked for, clipping (no rescaling pass otherwise)
-                gnorm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-                if not torch.isfinite(gnorm):
-                    raise TrainingDiverged(_diverged_message(epoch, step, terms, "gradient", run_dir if writes else None))
                 if t.grad_clip:
+                    # one norm serves the finiteness check and the clipping (no second pass over the gradients)
+                    gnorm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+                    if not torch.isfinite(gnorm):
+                        raise TrainingDiverged(_diverged_message(epoch, step, terms, "gradient", ck_dir))
                     torch.nn.utils.clip_grads_with_norm_(params, t.grad_clip, gnorm)
                 opt.step()
+                last = (epoch, step, terms)
                 with torch.no_grad():
-                    nb = xb.shape[0]
-                    sums += torch.stack([loss.detach().double() * nb, terms.rec.detach().double().sum(),
-                                         terms.kl.detach().double().sum(),
-                                         torch.tensor(nb, dtype=torch.float64, device=device)])
-                    kl_dim_sum += terms.kl_dim.detach().double().sum(0)
-                if handle_signals and stopper.name is not None and step + 1 < steps_per_epoch:
-                    interrupted = stopper.name
+                    sums[:3] += torch.stack([loss.detach() * xb.shape[0], terms.rec.detach().sum(),
+                                             terms.kl.detach().sum()])
+                    sums[3] += xb.shape[0]
+                    kl_dim_sum += terms.kl_dim.detach().sum(0)
+                if handle_signals and step + 1 < steps_per_epoch and (stop := _stop_signal(stopper, device)):
+                    interrupted = stop
+                    _check_weights(params, last, ck_dir)
                     if writes:
                         state.update(epoch=epoch, step=step + 1, sums=sums.cpu(), kl_dim_sum=kl_dim_sum.cpu())
                         _save(run_dir, module, opt, sched, state, best_state)
                     break
             if interrupted:
                 break
+            _check_weights(params, last, ck_dir)  # the epoch's last step, before anything is kept or saved
             state.update(step=0, sums=None, kl_dim_sum=None)
             dist.all_reduce_sum(sums)
             dist.all_reduce_sum(kl_dim_sum)
@@ -372,7 +393,7 @@ def fit(cfg: RunConfig, X: np.ndarray, X_val: Optional[np.ndarray] = None, *, ru
             epoch += 1
             state["epoch"] = epoch
             finishing = (epoch >= t.epochs or (t.patience is not None and state["bad_epochs"] >= t.patience)
-                         or (handle_signals and stopper.name is not None))
+                         or (handle_signals and _stop_signal(stopper, device) is not None))
             saved = False
             if writes:
                 ck.append_metrics(run_dir, record)
@@ -389,8 +410,8 @@ def fit(cfg: RunConfig, X: np.ndarray, X_val: Optional[np.ndarray] = None, *, ru
             if t.patience is not None and state["bad_epochs"] >= t.patience:
                 stopped_early = True
                 break
-            if handle_signals and stopper.name is not None:
-                interrupted = stopper.name
+            if handle_signals and (stop := _stop_signal(stopper, device)):
+                interrupted = stop
                 if writes and not saved:  # the signal came after this epoch's save decision
                     _save(run_dir, module, opt, sched, state, best_state)
                 break
@@ -475,6 +496,13 @@ def _restore(run_dir: Path, module, opt, sched, device, quarantine: bool = False
         return state, tensors["rng.torch"], meta.get("best")
     detail = ("; ".join(problems)) if problems else "there are none"
     raise CheckpointError(f"{run_dir}: no usable checkpoint to resume from ({detail})")
+
+
+def _check_weights(params, last, run_dir: Optional[Path]) -> None:
+    """Raise TrainingDiverged, naming the gradient of step `last`, if a weight is no longer finite."""
+    # the largest magnitude, not the 2-norm: squares of huge but finite weights would overflow
+    if last is not None and not torch.isfinite(torch.nn.utils.get_total_norm(params, norm_type=math.inf)):
+        raise TrainingDiverged(_diverged_message(*last, "gradient", run_dir))
 
 
 def _diverged_message(epoch: int, step: int, terms, what: str, run_dir: Optional[Path] = None) -> str:
