@@ -69,6 +69,19 @@ def all_reduce_max_int(v: int, device: torch.device) -> int:
     return v
 
 
+def all_gather_tensor(t: torch.Tensor, device: torch.device) -> list:
+    """Every rank's `t` (same shape and dtype on each), on the CPU in rank order ([t] outside torchrun).
+
+    Plain tensors rather than pickled objects: nothing a rank receives is unpickled.
+    """
+    if tdist.is_initialized() and tdist.get_world_size() > 1:
+        mine = t.to(device)  # NCCL gathers only tensors on the GPU
+        parts = [torch.empty_like(mine) for _ in range(tdist.get_world_size())]
+        tdist.all_gather(parts, mine)
+        return [q.cpu() for q in parts]
+    return [t]
+
+
 def barrier() -> None:
     if tdist.is_initialized() and tdist.get_world_size() > 1:
         tdist.barrier()

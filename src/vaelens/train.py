@@ -264,8 +264,13 @@ def fit(cfg: RunConfig, X: np.ndarray, X_val: Optional[np.ndarray] = None, *, ru
     if resume:
         if run_dir is None:
             raise ConfigError("resume needs a run directory")
-        state, rng, best = _restore(run_dir, module, opt, sched, device, quarantine=writes)
-        torch.set_rng_state(rng)
+        state, tensors, best = _restore(run_dir, module, opt, sched, device, quarantine=writes)
+        # each rank its own generators, where the checkpoint has them (mid-epoch ones do)
+        torch.set_rng_state(tensors.get(f"rng.torch.rank{info.rank}", tensors["rng.torch"]))
+        if device.type == "cuda" and f"rng.cuda.rank{info.rank}" in tensors:
+            torch.cuda.set_rng_state(tensors[f"rng.cuda.rank{info.rank}"], device)
+        if not info.is_main:  # a mid-epoch checkpoint's partial sums are every rank's: rank 0 carries them
+            state.update(sums=None, kl_dim_sum=None)
         history = ck.read_metrics(run_dir)
         if writes:
             # metric lines are numbered by completed epochs; later ones were written after this checkpoint
@@ -355,9 +360,13 @@ def fit(cfg: RunConfig, X: np.ndarray, X_val: Optional[np.ndarray] = None, *, ru
                 if handle_signals and step + 1 < steps_per_epoch and (stop := _stop_signal(stopper, device)):
                     interrupted = stop
                     _check_weights(params, last, ck_dir)
+                    rngs = _rng_tensors(device)  # on every rank: it is a collective
+                    # the epoch's partial sums over every rank, as rank 0 alone saves them
+                    dist.all_reduce_sum(sums)
+                    dist.all_reduce_sum(kl_dim_sum)
                     if writes:
                         state.update(epoch=epoch, step=step + 1, sums=sums.cpu(), kl_dim_sum=kl_dim_sum.cpu())
-                        _save(run_dir, module, opt, sched, state, best_state)
+                        _save(run_dir, module, opt, sched, state, best_state, rngs)
                     break
             if interrupted:
                 break
@@ -441,12 +450,32 @@ def fit(cfg: RunConfig, X: np.ndarray, X_val: Optional[np.ndarray] = None, *, ru
                        interrupted=interrupted, run_dir=run_dir, summary=summary)
 
 
-def _save(run_dir, module, opt, sched, state, best_state):
+def _rng_tensors(device: torch.device) -> dict:
+    """Every rank's generator states (CPU, and CUDA on a GPU) as checkpoint tensors, gathered from all ranks.
+
+    A step's noise comes from the device's generator and differs between ranks, so a mid-epoch
+    checkpoint keeps each rank's: the resumed ranks then draw what the uninterrupted ones would have.
+    Rank 0's CPU state is the checkpoint's ``rng.torch``; the others are ``rng.<kind>.rank<r>``.
+    """
+    mine = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        mine["cuda"] = torch.cuda.get_rng_state(device)
+    out = {}
+    for kind, t in mine.items():
+        for r, state in enumerate(dist.all_gather_tensor(t, device)):
+            if (r, kind) != (0, "torch"):
+                out[f"rng.{kind}.rank{r}"] = state
+    return out
+
+
+def _save(run_dir, module, opt, sched, state, best_state, rngs: Optional[dict] = None):
     """Write a checkpoint (then the run's best weights); on a failed write, say what is still usable."""
     trainer = {k: v for k, v in state.items() if k not in ("sums", "kl_dim_sum")}
     # float64 sums round-trip exactly through JSON (repr), so a resumed epoch logs the same figures
     trainer["sums"] = None if state.get("sums") is None else [float(v) for v in state["sums"]]
-    extra = {} if state.get("kl_dim_sum") is None else {"sums.kl_dim": state["kl_dim_sum"]}
+    extra = dict(rngs or {})
+    if state.get("kl_dim_sum") is not None:
+        extra["sums.kl_dim"] = state["kl_dim_sum"]
     try:
         ck.save_checkpoint(run_dir, module, opt, sched, trainer, torch.get_rng_state(), best=best_state,
                            extra_tensors=extra)
@@ -466,8 +495,9 @@ def _last_checkpoint(run_dir: Path) -> str:
 def _restore(run_dir: Path, module, opt, sched, device, quarantine: bool = False):
     """Load the newest checkpoint that reads cleanly; fall back to older ones, naming what failed.
 
-    Returns (state, torch RNG state, best weights or None). With `quarantine`, damaged newer
-    checkpoints are renamed damaged-<name> so they can never shadow the ones written from here on.
+    Returns (state, the trainer tensors (the RNG states among them), best weights or None). With
+    `quarantine`, damaged newer checkpoints are renamed damaged-<name> so they can never shadow the
+    ones written from here on.
     """
     problems, damaged = [], []
     for folder in ck.checkpoint_candidates(run_dir):
@@ -493,7 +523,7 @@ def _restore(run_dir: Path, module, opt, sched, device, quarantine: bool = False
                 for bad in damaged:
                     ck.quarantine(bad)
             warnings.warn("skipped damaged checkpoint(s): " + "; ".join(problems) + f"; resuming from {folder.name}")
-        return state, tensors["rng.torch"], meta.get("best")
+        return state, tensors, meta.get("best")
     detail = ("; ".join(problems)) if problems else "there are none"
     raise CheckpointError(f"{run_dir}: no usable checkpoint to resume from ({detail})")
 
