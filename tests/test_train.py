@@ -100,6 +100,17 @@ def test_dynamic_binarization_is_seeded_and_unbiased():
     assert not torch.equal(a[:5000], a[5000:10000])
 
 
+def test_dynamic_binarization_does_not_depend_on_chunks_or_a_reused_buffer():
+    # drawn chunk by chunk into a reused buffer (as fit does each epoch), the draw is the same as at once
+    X = torch.rand(9000, 7)
+    whole = train.binarize_dynamic(X, seed=5, parts=2, chunk_rows=10**9)
+    buf = torch.full_like(X, 0.5)  # stale contents must not show through
+    out = train.binarize_dynamic(X, seed=5, parts=2, out=buf, chunk_rows=333)
+    assert out is buf and torch.equal(out, whole)
+    assert torch.equal(train.binarize_dynamic(X, seed=5, parts=2, chunk_rows=4500), whole)
+    assert out.dtype == torch.float32 and set(out.unique().tolist()) == {0.0, 1.0}
+
+
 def test_bf16_autocast_on_cpu_trains_close_to_float32():
     cfg, X, Xv = prepared(small_cfg(epochs=5))
     full = train.fit(cfg, X, Xv, progress=False)

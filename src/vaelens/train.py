@@ -116,23 +116,32 @@ def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 10_007 + rank * 101) % (2**63 - 1)
 
 
-def binarize_dynamic(X: torch.Tensor, seed: int, parts: int = 0) -> torch.Tensor:
+def binarize_dynamic(X: torch.Tensor, seed: int, parts: int = 0, out: Optional[torch.Tensor] = None,
+                     chunk_rows: int = 2048) -> torch.Tensor:
     """x ~ Bernoulli(X) elementwise, drawn in `parts` row blocks on as many threads.
 
-    torch's CPU generator fills a tensor on one thread (about 8 ns a number: 0.4 s for MNIST,
-    3-6% of an epoch); seeded blocks drawn in parallel keep the result a function of `seed`.
+    torch's CPU generator fills a tensor on one thread (about 2-8 ns a number: 0.1-0.4 s for MNIST);
+    seeded blocks drawn in parallel keep the result a function of `seed`. Each block draws its
+    uniforms `chunk_rows` rows at a time into one small buffer and compares them straight into
+    `out` (given: reused, e.g. every epoch): a fresh 188 MB result and its 188 MB of uniforms cost
+    more in page faults than the draw itself. A block's numbers are the same however it is chunked.
     """
     if X.device.type != "cpu":
         g = torch.Generator(device=X.device).manual_seed(seed)
-        return (torch.rand(X.shape, generator=g, device=X.device) < X).to(X.dtype)
+        u = torch.rand(X.shape, generator=g, device=X.device)
+        return torch.lt(u, X, out=out) if out is not None else (u < X).to(X.dtype)
     parts = parts or max(1, min(torch.get_num_threads(), len(X) // 4096, 8))
-    out = torch.empty_like(X)
+    out = torch.empty_like(X) if out is None else out
     blocks = [(i * len(X) // parts, (i + 1) * len(X) // parts) for i in range(parts)]
 
     def draw_into(b):
         lo, hi = blocks[b]
         g = torch.Generator().manual_seed(seed * 16 + b)
-        out[lo:hi] = torch.rand((hi - lo, *X.shape[1:]), generator=g) < X[lo:hi]
+        u = torch.empty((min(chunk_rows, hi - lo), *X.shape[1:]))
+        for a in range(lo, hi, chunk_rows):
+            n = min(chunk_rows, hi - a)
+            torch.rand((n, *X.shape[1:]), generator=g, out=u[:n])
+            torch.lt(u[:n], X[a:a + n], out=out[a:a + n])
 
     if parts == 1:
         draw_into(0)
@@ -306,6 +315,7 @@ def fit(cfg: RunConfig, X: np.ndarray, X_val: Optional[np.ndarray] = None, *, ru
     interrupted = None
     stopper = _SignalStop() if handle_signals else _nullcontext()
     epoch = state["epoch"]
+    X_epoch = None  # the dynamic binarization is drawn into the same buffer every epoch
     last_save = time.monotonic()
     ck_dir = run_dir if writes else None
     # Without clipping the gradient is not checked every step (a norm over all of it costs a few percent
@@ -321,7 +331,7 @@ def fit(cfg: RunConfig, X: np.ndarray, X_val: Optional[np.ndarray] = None, *, ru
             perm = torch.randperm(n_shard, generator=g).to(device)
             if cfg.data.binarize == "dynamic":
                 # a fresh Bernoulli draw of every pixel each epoch (the standard MNIST protocol)
-                X_epoch = binarize_dynamic(X_t, _epoch_seed(t.seed, epoch, info.rank) + 2)
+                X_epoch = binarize_dynamic(X_t, _epoch_seed(t.seed, epoch, info.rank) + 2, out=X_epoch)
             else:
                 X_epoch = X_t
             start_step = state["step"]
