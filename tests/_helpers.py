@@ -29,11 +29,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun_cmd(*args, nproc=2, script=None, **env):
+    """(argv, environment) of `torchrun --nproc_per_node=nproc -m vaelens ARGS` (or of `torchrun SCRIPT ARGS`),
+    one thread per process, with `env` added to the environment."""
+    target = [str(script)] if script is not None else ["-m", "vaelens"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           f"--master_port={free_port()}", *target, *map(str, args)]
+    return cmd, dict(os.environ, VAELENS_OFFLINE="1", OMP_NUM_THREADS="1", **env)
+
+
 def torchrun(*args, nproc=2):
     """`torchrun --nproc_per_node=nproc -m vaelens ARGS`, one thread per process; asserts it succeeded."""
-    env = dict(os.environ, VAELENS_OFFLINE="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={free_port()}", "-m", "vaelens", *map(str, args)]
+    cmd, env = torchrun_cmd(*args, nproc=nproc)
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
     return p

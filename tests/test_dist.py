@@ -5,7 +5,9 @@ import os
 import subprocess
 import sys
 
+import torch
 from _helpers import torchrun as _torchrun
+from _helpers import torchrun_cmd
 
 
 def _single(*args):
@@ -117,13 +119,9 @@ def test_signal_to_one_rank_stops_every_rank_at_the_same_step_and_resumes(tmp_pa
     import signal
     import time
 
-    from _helpers import free_port
-
     run = tmp_path / "r"
-    env = dict(os.environ, VAELENS_OFFLINE="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           "-m", "vaelens", "train", "--epochs", "400", "--hidden", "64", "--latent-dim", "4", "--batch-size", "64",
-           "--no-progress", "--checkpoint-every", "3600", "--out", str(run)]
+    cmd, env = torchrun_cmd("train", "--epochs", "400", "--hidden", "64", "--latent-dim", "4", "--batch-size", "64",
+                            "--no-progress", "--checkpoint-every", "3600", "--out", run)
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.monotonic() + 120
@@ -176,25 +174,21 @@ def test_ddp_interrupted_mid_epoch_and_resumed_equals_uninterrupted(tmp_path):
     # uninterrupted run's. With them, two gloo ranks on CPU reproduce it bit for bit.
     from safetensors.torch import load_file
 
-    from _helpers import free_port
-
     args = ["train", "--epochs", "3", "--hidden", "32", "--latent-dim", "3", "--batch-size", "64", "--no-progress",
             "--checkpoint-every", "3600"]
     _torchrun(*args, "--out", tmp_path / "ref")
     script = tmp_path / "stop_at_step.py"
     script.write_text(_STOP_AT_STEP)
     run = tmp_path / "cut"
-    env = dict(os.environ, VAELENS_OFFLINE="1", OMP_NUM_THREADS="1", STOP_AT_STEP="33")
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                        f"--master_port={free_port()}", str(script), *map(str, args), "--out", str(run)],
-                       capture_output=True, text=True, env=env, timeout=300)
+    cmd, env = torchrun_cmd(*args, "--out", run, script=script, STOP_AT_STEP="33")
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert "stopped by SIGINT at epoch 2" in p.stdout, p.stdout + p.stderr
     ckpts = [c.name for c in (run / "checkpoints").glob("ckpt-*")]
     # only the signal wrote a checkpoint, in the middle of epoch 2 (22 steps an epoch: step 33 is its 11th)
     assert ckpts == ["ckpt-000001-000011"], ckpts
     _torchrun("train", "--resume", run, "--no-progress")
     a, b = load_file(tmp_path / "ref" / "model.safetensors"), load_file(run / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch_equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # the interrupted epoch's float64 sums are added in another order (the ranks' partial sums were
     # combined at the cut), so its figures may differ in the last bits; every other one is equal
     keys = ("train_loss", "train_rec", "train_kl", "val_loss")
@@ -203,9 +197,3 @@ def test_ddp_interrupted_mid_epoch_and_resumed_equals_uninterrupted(tmp_path):
     assert len(ref) == len(cut) == 3
     for r, c in zip(ref, cut):
         assert all(abs(x - y) <= 1e-12 * abs(x) for x, y in zip(r, c)), (r, c)
-
-
-def torch_equal(x, y) -> bool:
-    import torch
-
-    return torch.equal(x, y)

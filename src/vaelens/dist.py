@@ -53,16 +53,21 @@ def teardown() -> None:
         tdist.destroy_process_group()
 
 
+def _several() -> bool:
+    """Whether this process is one of several ranks of a joined process group."""
+    return tdist.is_initialized() and tdist.get_world_size() > 1
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over ranks in place (identity outside torchrun)."""
-    if tdist.is_initialized() and tdist.get_world_size() > 1:
+    if _several():
         tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
     return t
 
 
 def all_reduce_max_int(v: int, device: torch.device) -> int:
     """The largest of every rank's `v` (v itself outside torchrun)."""
-    if tdist.is_initialized() and tdist.get_world_size() > 1:
+    if _several():
         t = torch.tensor([v], dtype=torch.int64, device=device)
         tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
         return int(t.item())
@@ -74,7 +79,7 @@ def all_gather_tensor(t: torch.Tensor, device: torch.device) -> list:
 
     Plain tensors rather than pickled objects: nothing a rank receives is unpickled.
     """
-    if tdist.is_initialized() and tdist.get_world_size() > 1:
+    if _several():
         mine = t.to(device)  # NCCL gathers only tensors on the GPU
         parts = [torch.empty_like(mine) for _ in range(tdist.get_world_size())]
         tdist.all_gather(parts, mine)
@@ -83,13 +88,13 @@ def all_gather_tensor(t: torch.Tensor, device: torch.device) -> list:
 
 
 def barrier() -> None:
-    if tdist.is_initialized() and tdist.get_world_size() > 1:
+    if _several():
         tdist.barrier()
 
 
 def broadcast_object(obj, src: int = 0):
     """Rank `src`'s Python object on every rank."""
-    if tdist.is_initialized() and tdist.get_world_size() > 1:
+    if _several():
         box = [obj]
         tdist.broadcast_object_list(box, src=src)
         return box[0]
@@ -98,7 +103,7 @@ def broadcast_object(obj, src: int = 0):
 
 def shard_range(n: int) -> tuple:
     """This rank's contiguous share [start, stop) of n rows; shares differ in size by at most one."""
-    if tdist.is_initialized() and tdist.get_world_size() > 1:
+    if _several():
         r, w = tdist.get_rank(), tdist.get_world_size()
         return n * r // w, n * (r + 1) // w
     return 0, n
@@ -109,7 +114,7 @@ def gather_rows(t: torch.Tensor, n: int) -> torch.Tensor:
 
     all_gather needs equal shapes, so each share is padded to the largest and the padding dropped.
     """
-    if not (tdist.is_initialized() and tdist.get_world_size() > 1):
+    if not _several():
         return t
     w = tdist.get_world_size()
     sizes = [n * (r + 1) // w - n * r // w for r in range(w)]

@@ -126,12 +126,11 @@ def binarize_dynamic(X: torch.Tensor, seed: int, parts: int = 0, out: Optional[t
     `out` (given: reused, e.g. every epoch): a fresh 188 MB result and its 188 MB of uniforms cost
     more in page faults than the draw itself. A block's numbers are the same however it is chunked.
     """
+    out = torch.empty_like(X) if out is None else out
     if X.device.type != "cpu":
         g = torch.Generator(device=X.device).manual_seed(seed)
-        u = torch.rand(X.shape, generator=g, device=X.device)
-        return torch.lt(u, X, out=out) if out is not None else (u < X).to(X.dtype)
+        return torch.lt(torch.rand(X.shape, generator=g, device=X.device), X, out=out)
     parts = parts or max(1, min(torch.get_num_threads(), len(X) // 4096, 8))
-    out = torch.empty_like(X) if out is None else out
     blocks = [(i * len(X) // parts, (i + 1) * len(X) // parts) for i in range(parts)]
 
     def draw_into(b):
