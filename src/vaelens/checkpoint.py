@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -33,7 +32,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .config import RunConfig
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, OutputError
+from .io import atomic_write
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -52,39 +52,16 @@ CKPT_FILES = (WEIGHTS, BEST, TRAINER_TENSORS, TRAINER_META)
 # --- atomic writes ----------------------------------------------------------------------------
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the new one, never a part."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
+    """`io.atomic_write` for run files: a failed write is a `CheckpointError` (training stops and says
+    which checkpoint is still usable)."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise CheckpointError(f"{path}: could not write ({e.strerror or e}); the previous file is unchanged") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+        atomic_write(path, data)
+    except OutputError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def sha256(path: Path) -> str:

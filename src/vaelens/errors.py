@@ -23,3 +23,7 @@ class CheckpointError(VaelensError):
 
 class TrainingDiverged(VaelensError):
     """The loss or a gradient became non-finite during training."""
+
+
+class OutputError(VaelensError):
+    """An output file or folder cannot be written: it exists, or its place is read-only or not a folder."""
