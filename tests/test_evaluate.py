@@ -14,6 +14,7 @@ from torch.distributions import MultivariateNormal
 
 from vaelens import evaluate as ev
 from vaelens.config import ModelConfig
+from vaelens.errors import DataError
 from vaelens.model import VAEModule
 
 P, D, S = 6, 2, 0.5  # features, latent dimensions, decoder noise scale
@@ -102,20 +103,24 @@ def test_iwae_approaches_log_px_from_below_as_k_grows():
     assert tol[3000] < tol[100] < tol[10]
 
 
-@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian", "cbernoulli"])
-def test_fast_log_weights_match_the_model(likelihood):
-    # the evaluation's log-weights must be the model's, draw for draw (same eps from the same seed)
+def test_log_likelihood_uses_the_models_weights_with_each_rows_noise():
+    # the estimate is log mean exp of the model's own log-weights for each row's seeded noise
     torch.manual_seed(0)
-    cfg = ModelConfig(latent_dim=3, hidden=(8,), likelihood=likelihood, input_dim=5)
-    m = VAEModule(cfg).eval()
-    x = torch.rand(4, 5) if likelihood != "gaussian" else torch.randn(4, 5)
+    m = VAEModule(ModelConfig(latent_dim=3, hidden=(8,), input_dim=5)).eval()
+    x = torch.rand(4, 5)
+    ll = ev.iwae_log_likelihood(m, x, 10, seed=7)
     with torch.inference_mode():
-        qz = m.encoder(x)
-        eps = torch.randn(6, 4, 3)
-        fast = ev._log_weights(m, x, qz.loc, qz.scale, qz.scale.log().sum(-1), eps)
-        z = qz.loc + qz.scale * eps
-        slow = m.decoder(z).log_prob(x).sum(-1) + m.prior().log_prob(z).sum(-1) - qz.log_prob(z).sum(-1)
-    torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-5)
+        eps = torch.stack([ev._draw(ev._row_generator(7, j, x.device), 10, x[:, :3]) for j in range(4)], 1)
+        lw = m.draw(x, eps, weights=True).log_w.double()                   # (10, 4)
+    np.testing.assert_allclose(ll, (torch.logsumexp(lw, 0) - math.log(10)).numpy(), rtol=0, atol=1e-4)
+
+
+def test_to_tensor_checks_the_shape():
+    m = VAEModule(ModelConfig(latent_dim=2, hidden=(4,), input_dim=3))
+    x = ev.to_tensor(m, np.zeros((2, 3)))
+    assert x.dtype == torch.float32 and x.shape == (2, 3)
+    with pytest.raises(DataError, match="expected shape"):
+        ev.to_tensor(m, np.zeros(3))
 
 
 def test_chunking_and_batching_do_not_change_the_figures():

@@ -119,7 +119,7 @@ def _encoder_grads(m, x, K, groups, *, dreg=False, stl=False):
         torch.manual_seed(1000 + g)
         if stl:
             # the biased "sticking the landing" gradient for IWAE: log q held fixed, no re-weighting
-            lw = m._log_weights(x, K, dreg=True)[0]
+            lw = m.draw(x, n_samples=K, weights=True, dreg=True).log_w
             loss = -(torch.logsumexp(lw, 0) - math.log(K)).mean()
         else:
             loss, _ = m(x, objective="iwae", iw_samples=K, dreg=dreg)
@@ -171,3 +171,59 @@ def test_dreg_needs_the_iwae_objective():
     with pytest.raises(ConfigError, match="dreg needs objective 'iwae'"):
         TrainConfig(dreg=True).validate()
     TrainConfig(objective="iwae", iw_samples=4, dreg=True).validate()
+
+
+def test_draw_is_rsample_and_one_computation_for_terms_and_weights():
+    # fresh noise is drawn exactly as qz.rsample draws it, so training's random stream is unchanged
+    m = make()
+    x = torch.rand(5, 64)
+    torch.manual_seed(2)
+    z_ref = m.inference(x).rsample((3,))
+    torch.manual_seed(2)
+    s = m.draw(x, n_samples=3, weights=True)
+    assert torch.equal(s.z, z_ref) and s.eps.shape == (3, 5, 3)
+    # given noise gives the same numbers as the same noise drawn fresh
+    g = m.draw(x, s.eps, weights=True)
+    for a, b in ((g.log_w, s.log_w), (g.terms.elbo, s.terms.elbo), (g.terms.kl_dim, s.terms.kl_dim)):
+        assert torch.equal(a, b)
+    # the terms and the weights are what their names say
+    qz, pz = m.inference(x), m.prior()
+    px = m.generative(s.z)
+    assert torch.equal(s.log_px, px.log_prob(x).sum(-1))
+    torch.testing.assert_close(s.log_w, s.log_px + pz.log_prob(s.z).sum(-1) - qz.log_prob(s.z).sum(-1))
+    torch.testing.assert_close(s.terms.rec, s.log_px.mean(0))
+    torch.testing.assert_close(s.terms.kl_dim, torch.distributions.kl_divergence(qz, pz))
+    # terms(), log_weights() and forward() are views of the same computation, draw for draw
+    torch.manual_seed(2)
+    assert torch.equal(m.log_weights(x, 3), s.log_w)
+    torch.manual_seed(2)
+    assert torch.equal(m.terms(x, n_samples=3).elbo, s.terms.elbo)
+    torch.manual_seed(2)
+    loss, t = m(x, objective="iwae", iw_samples=3)
+    assert torch.equal(loss, -(torch.logsumexp(s.log_w, 0) - math.log(3)).mean())
+    assert not t.kl.requires_grad and torch.equal(t.kl, s.terms.kl)
+
+
+@pytest.mark.parametrize("lik", ["bernoulli", "cbernoulli", "gaussian"])
+def test_closed_form_weights_equal_the_generic_ones(lik):
+    # evaluation's closed form (log p(z) - log q(z|x) from eps, two-pass Bernoulli) is the same quantity
+    m = make(likelihood=lik).eval()
+    x = torch.rand(4, 64) if lik != "gaussian" else torch.randn(4, 64)
+    eps = torch.randn(6, 4, 3)
+    with torch.inference_mode():
+        fast = m.draw(x, eps, weights=True, closed_form=True).log_w
+        slow = m.draw(x, eps, weights=True).log_w
+    torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-5)
+
+
+def test_draw_with_another_posterior_and_float64():
+    # the symmetry check's use: given noise, a replaced sigma, float64 throughout
+    m = make().double().eval()
+    x = torch.rand(5, 64, dtype=torch.float64)
+    eps = torch.randn(4, 5, 3, dtype=torch.float64)
+    qz = m.inference(x)
+    q2 = Normal(qz.loc, 2 * qz.scale)
+    s = m.draw(x, eps, qz=q2)
+    assert s.terms.elbo.dtype == torch.float64
+    assert torch.equal(s.z, qz.loc + eps * 2 * qz.scale)
+    torch.testing.assert_close(s.terms.kl, torch.distributions.kl_divergence(q2, m.prior()).sum(-1))

@@ -148,3 +148,11 @@ def test_table_figures(tmp_path):
     assert len(fig.axes) == 9
     data = plots.save_figure(fig, tmp_path / "m.png")
     assert (tmp_path / "m.png").read_bytes() == data
+
+
+def test_mixture_density_is_the_normal_mixture():
+    from scipy import stats
+    t = np.linspace(-3, 3, 7)
+    np.testing.assert_allclose(plots.mixture_density(t, np.zeros(1), np.ones(1)), stats.norm.pdf(t))
+    both = plots.mixture_density(t, np.array([-1.0, 2.0]), np.array([0.5, 1.5]))
+    np.testing.assert_allclose(both, 0.5 * (stats.norm.pdf(t, -1, 0.5) + stats.norm.pdf(t, 2, 1.5)))

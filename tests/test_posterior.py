@@ -10,7 +10,7 @@ from scipy import stats
 
 from vaelens.errors import DataError
 from vaelens.groundtruth import exact_posterior, orthogonal_loadings, ppca
-from vaelens.posterior import aggregate_monte_carlo, aggregate_posterior, point_cloud_check
+from vaelens.posterior import active_mask, aggregate_monte_carlo, aggregate_posterior, point_cloud_check
 
 
 # --- point clouds ------------------------------------------------------------------------------
@@ -86,6 +86,24 @@ def test_aggregate_posterior_is_the_law_of_total_variance():
                                atol=1e-12)
     np.testing.assert_allclose(agg.share_between, mu.var(0) / agg.total)
     assert agg.active.tolist() == [True, True, False]
+
+
+def test_aggregate_kls_are_the_gaussian_closed_forms():
+    rng = np.random.default_rng(1)
+    mu, sigma = rng.normal(size=(50, 3)), rng.uniform(0.2, 1.5, size=(50, 3))
+    agg = aggregate_posterior(mu, sigma)
+    m, v = agg.mean, agg.total
+    np.testing.assert_allclose(agg.kl_dim, 0.5 * (v + m ** 2 - 1 - np.log(v)), rtol=1e-12)
+    np.testing.assert_allclose(agg.mean_kl, (0.5 * (sigma ** 2 + mu ** 2 - 1) - np.log(sigma)).sum(1).mean(), rtol=1e-12)
+    logdet = np.linalg.slogdet(agg.cov)[1]
+    np.testing.assert_allclose(agg.kl_moment_matched, 0.5 * (np.trace(agg.cov) + m @ m - 3 - logdet), rtol=1e-10)
+
+
+def test_active_mask_is_the_mask_of_evaluates_count():
+    from vaelens.evaluate import active_units
+    mu = np.stack([np.linspace(-1, 1, 100), np.full(100, 0.3), np.linspace(0, 0.1, 100)], 1)
+    assert active_mask(mu).tolist() == [True, False, False]
+    assert active_units(mu)[0] == active_mask(mu).sum() == 1
 
 
 def test_aggregate_matches_monte_carlo_within_standard_errors():

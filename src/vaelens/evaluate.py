@@ -18,13 +18,13 @@ from typing import Optional, Union
 
 import numpy as np
 import torch
-from torch.distributions import Bernoulli
+from torch.distributions import Normal
+from tqdm import tqdm
 
 from . import dist
 from .errors import ConfigError, DataError
 from .model import VAEModule, seeded
 
-LOG_2PI = math.log(2 * math.pi)
 ACTIVE_THRESHOLD = 0.01  # Burda et al. 2016: a unit is active when Cov_x(E_q[z_u]) exceeds this
 # (z, x) pairs per decoder call: large enough for big matmuls, small enough (tens of MB on MNIST)
 # that K = 5000 needs no more memory than K = 50.
@@ -149,7 +149,7 @@ def elbo_terms(module: VAEModule, X: ArrayLike, n_samples: int = 1, batch_size: 
 
     The reconstruction term averages `n_samples` draws of z per sample; the KL is analytic.
     """
-    x_all = _as_tensor(module, X)
+    x_all = to_tensor(module, X)
     parts = {"elbo": [], "rec": [], "kl": [], "kl_dim": []}
     module.eval()
     with torch.inference_mode(), seeded(seed, x_all.device):
@@ -198,7 +198,7 @@ def iwae_log_likelihood(module: VAEModule, X: ArrayLike, k: int = 5000, *, chunk
     """
     if k < 1:
         raise ConfigError(f"k (importance samples) must be >= 1, got {k}")
-    x_all = _as_tensor(module, X)
+    x_all = to_tensor(module, X)
     n = len(x_all)
     start, stop = dist.shard_range(n) if distributed else (0, n)
     if seed is None:
@@ -212,8 +212,6 @@ def iwae_log_likelihood(module: VAEModule, X: ArrayLike, k: int = 5000, *, chunk
     chunk_size = min(k, -(-chunk_size // EPS_BLOCK) * EPS_BLOCK)
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=stop - start, desc=f"IWAE k={k}", unit="sample", dynamic_ncols=True)
     out = [torch.empty(0, dtype=torch.float64, device=x_all.device)]
     module.eval()
@@ -221,14 +219,12 @@ def iwae_log_likelihood(module: VAEModule, X: ArrayLike, k: int = 5000, *, chunk
         for i in range(start, stop, batch_size):
             x = x_all[i:min(i + batch_size, stop)]                           # (b, p)
             gens = [_row_generator(seed, i + j, x.device) for j in range(len(x))]
-            qz = module.encoder(x)
-            mu, sigma = qz.loc, qz.scale                                     # (b, d)
-            log_sigma = sigma.log().sum(-1)                                  # (b,)
+            qz = module.inference(x)                                         # batch (b, d), once for all k
             acc = torch.full((len(x),), -math.inf, dtype=torch.float64, device=x.device)
             for j in range(0, k, chunk_size):
                 c = min(chunk_size, k - j)
-                eps = torch.stack([_draw(g, c, mu) for g in gens], 1)       # (c, b, d)
-                lw = _log_weights(module, x, mu, sigma, log_sigma, eps)     # (c, b) float32
+                eps = torch.stack([_draw(g, c, qz.loc) for g in gens], 1)   # (c, b, d)
+                lw = module.draw(x, eps, qz=qz, weights=True, closed_form=True).log_w   # (c, b) float32
                 acc = torch.logaddexp(acc, torch.logsumexp(lw.double(), 0))
             out.append(acc - math.log(k))
             if len(out) % _TRIM_EVERY == 0:
@@ -259,27 +255,6 @@ def _draw(g: torch.Generator, c: int, like: torch.Tensor) -> torch.Tensor:
     d = like.shape[1]
     return torch.cat([torch.randn((min(EPS_BLOCK, c - i), d), generator=g, dtype=like.dtype, device=like.device)
                       for i in range(0, c, EPS_BLOCK)])
-
-
-def _log_weights(module: VAEModule, x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor,
-                 log_sigma: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """log p(x|z) + log p(z) - log q(z|x) for the draws z = mu + sigma * eps, eps (c, b, d): shape (c, b).
-
-    The same quantity as `VAEModule.log_weights`, computed for speed at large k: log q - log p
-    comes from eps in closed form, and a Bernoulli decoder's log-density skips the generic
-    log_prob's broadcasting (two passes over the (c, b, p) logits instead of five).
-    """
-    z = mu + sigma * eps                                                     # (c, b, d)
-    px = module.decoder(z)                                                   # batch (c, b, p)
-    if isinstance(px, Bernoulli):
-        logits = px.logits                                                   # (c, b, p)
-        # log Bernoulli(x; sigmoid(l)) = x l - softplus(l), valid for any x in [0, 1]
-        log_px = (logits * x).sum(-1) - torch.nn.functional.softplus(logits).sum(-1)
-    else:
-        log_px = px.log_prob(x).sum(-1)                                      # (c, b)
-    # log p(z) - log q(z|x) = -z^2/2 - (-eps^2/2 - log sigma): the 2 pi terms cancel
-    log_pz_qz = 0.5 * (eps.square() - z.square()).sum(-1) + log_sigma       # (c, b)
-    return log_px + log_pz_qz
 
 
 # --- data-set quantities --------------------------------------------------------------------------
@@ -329,9 +304,9 @@ def aggregate_posterior_stats(mu: ArrayLike, sigma: ArrayLike, n_draws: Optional
         idx = torch.randperm(n, generator=g)[:n_draws]
     eps = torch.randn((len(idx), d), generator=g, dtype=torch.float64)      # (m, d)
     z = mu[idx] + sigma[idx] * eps                                           # (m, d)
-    log_q_own = -0.5 * eps.square().sum(-1) - sigma[idx].log().sum(-1) - 0.5 * d * LOG_2PI   # (m,)
+    log_q_own = Normal(mu[idx], sigma[idx]).log_prob(z).sum(-1)              # (m,): log q(z_i|x_i)
     log_qz = _log_mixture(z, mu, sigma)                                      # (m,)
-    log_pz = -0.5 * z.square().sum(-1) - 0.5 * d * LOG_2PI                   # (m,)
+    log_pz = Normal(torch.zeros(d, dtype=z.dtype), torch.ones(d, dtype=z.dtype)).log_prob(z).sum(-1)  # (m,)
     mi_terms = log_q_own - log_qz
     kl_terms = log_qz - log_pz
     m = len(idx)
@@ -350,7 +325,7 @@ def _log_mixture(z: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) -> torc
     prec = sigma.pow(-2)                                                     # (n, d)
     B = torch.cat([prec, -2 * mu * prec], 1)                                 # (n, 2d)
     const = (mu.square() * prec).sum(-1)                                     # (n,)
-    log_norm = -sigma.log().sum(-1) - 0.5 * d * LOG_2PI                      # (n,)
+    log_norm = -sigma.log().sum(-1) - 0.5 * d * math.log(2 * math.pi)        # (n,): each component's normalizer
     rows = max(1, _MIXTURE_BLOCK // n)
     out = []
     for i in range(0, len(z), rows):
@@ -363,12 +338,12 @@ def _log_mixture(z: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) -> torc
 
 def encode_all(module: VAEModule, X: ArrayLike, batch_size: int = 4096):
     """Posterior means and scales of every sample, float64 numpy arrays of shape (n, d)."""
-    x_all = _as_tensor(module, X)
+    x_all = to_tensor(module, X)
     mus, sigmas = [], []
     module.eval()
     with torch.inference_mode():
         for i in range(0, len(x_all), batch_size):
-            qz = module.encoder(x_all[i:i + batch_size])
+            qz = module.inference(x_all[i:i + batch_size])                 # batch (b, d)
             mus.append(qz.loc.double())
             sigmas.append(qz.scale.double())
     return torch.cat(mus).cpu().numpy(), torch.cat(sigmas).cpu().numpy()
@@ -396,7 +371,7 @@ def evaluate(module: VAEModule, X: ArrayLike, iw_samples: int = 5000, *, elbo_sa
         raise ConfigError(f"iw_samples must be >= 0, got {iw_samples}")
     if elbo_samples < 1:
         raise ConfigError(f"elbo_samples must be >= 1, got {elbo_samples}")
-    x_all = _as_tensor(module, X)
+    x_all = to_tensor(module, X)
     terms = elbo_terms(module, x_all, n_samples=elbo_samples, seed=seed)
     ll = None
     if iw_samples:
@@ -415,7 +390,8 @@ def evaluate(module: VAEModule, X: ArrayLike, iw_samples: int = 5000, *, elbo_sa
 
 # --- helpers --------------------------------------------------------------------------------------
 
-def _as_tensor(module: VAEModule, X: ArrayLike) -> torch.Tensor:
+def to_tensor(module: VAEModule, X: ArrayLike) -> torch.Tensor:
+    """X (n, p), an array or a tensor already in the model's units, as float32 on the module's device."""
     device = next(module.parameters()).device
     x = torch.as_tensor(X, dtype=torch.float32, device=device)
     if x.ndim != 2:

@@ -1,4 +1,4 @@
-"""The VAE: an encoder that returns q(z|x) as a Normal, a decoder that returns p(x|z), and the loss terms.
+"""The VAE: q(z|x) (inference), p(x|z) (generative), the prior p(z), and the one computation of the loss terms.
 
 Shapes: x (n, p); the encoder's mu, sigma (n, d); with S samples z is (S, n, d) and the
 decoder's distribution has batch shape (S, n, p). Every loss term is per sample, shape (n,);
@@ -165,9 +165,29 @@ class Terms:
     def neg_elbo(self) -> torch.Tensor:
         return -self.elbo
 
+    def detach(self) -> "Terms":
+        return Terms(rec=self.rec.detach(), kl=self.kl.detach(), kl_dim=self.kl_dim.detach(), elbo=self.elbo.detach())
+
+
+@dataclass
+class Draws:
+    """S draws z = mu + sigma * eps for each of n samples, and what they give (see `VAEModule.draw`)."""
+
+    qz: Normal                       # q(z|x), batch (n, d)
+    eps: torch.Tensor                # (S, n, d) standard-normal noise
+    z: torch.Tensor                  # (S, n, d)
+    log_px: torch.Tensor             # (S, n): log p(x|z_s)
+    log_w: Optional[torch.Tensor]    # (S, n): log p(x|z_s) + log p(z_s) - log q(z_s|x); None unless asked for
+    terms: Terms                     # rec = mean_s log p(x|z_s), analytic KL, ELBO: (n,); kl_dim (n, d)
+
 
 class VAEModule(nn.Module):
-    """Encoder, decoder and the prior p(z) = N(0, I)."""
+    """The generative model p(z) p(x|z) with p(z) = N(0, I), and the inference model q(z|x).
+
+    `inference(x)` and `generative(z)` are the encoder and decoder as distributions; `draw` is the
+    one place where draws of z become ELBO terms and importance log-weights: training (`forward`),
+    `terms`, `log_weights`, `iwae_bound`, `evaluate` and `uniqueness` all go through it.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -185,18 +205,74 @@ class VAEModule(nn.Module):
         return self.cfg.latent_dim
 
     def prior(self) -> Normal:
-        return Normal(self.prior_loc, self.prior_scale, validate_args=False)  # batch (d,)
+        """p(z) = N(0, I), batch (d,)."""
+        return Normal(self.prior_loc, self.prior_scale, validate_args=False)
+
+    def inference(self, x: torch.Tensor) -> Normal:
+        """q(z|x) for x (n, p): batch (n, d)."""
+        return self.encoder(x)
+
+    def generative(self, z: torch.Tensor) -> Distribution:
+        """p(x|z) for z (..., d): batch (..., p)."""
+        return self.decoder(z)
+
+    def draw(self, x: torch.Tensor, eps: Optional[torch.Tensor] = None, *, n_samples: int = 1,
+             target: Optional[torch.Tensor] = None, qz: Optional[Normal] = None, weights: bool = False,
+             dreg: bool = False, closed_form: bool = False) -> Draws:
+        """Per-sample ELBO terms and, with `weights`, importance log-weights for draws z = mu + sigma * eps.
+
+        Parameters
+        ----------
+        x : tensor of shape (n, p)
+        eps : tensor of shape (S, n, d), optional
+            Given standard-normal noise (evaluation's per-row streams, a symmetry's mapped noise).
+            None draws S = `n_samples` from torch's global generator exactly as ``qz.rsample`` does,
+            so the training stream is the same draw for draw.
+        target : tensor of shape (n, p), optional
+            What p(x|z) scores; default x.
+        qz : Normal of batch (n, d), optional
+            q(z|x) to use instead of ``inference(x)``: evaluation passes the one it computed once per
+            batch, the symmetry check one with a moment-matched sigma.
+        weights : bool
+            Also compute log w = log p(x|z) + log p(z) - log q(z|x), shape (S, n).
+        dreg : bool
+            log q(z|x) with its parameters held fixed (same value), so the encoder reaches log w
+            through z only (the doubly reparameterized gradient, see `forward`).
+        closed_form : bool
+            For evaluation at large S, where no gradient is wanted: log p(z) - log q(z|x) from eps in
+            closed form and a Bernoulli log-density in two passes over the (S, n, p) logits instead of
+            the generic log_prob's five. Equal up to float32 rounding; training keeps the generic
+            arithmetic, so both paths keep their figures bit for bit. Needs the N(0, I) prior.
+        """
+        target = x if target is None else target
+        qz = self.inference(x) if qz is None else qz                         # batch (n, d)
+        if eps is None:
+            # the draw Normal.rsample makes, so that z is the same bits from the same generator state
+            eps = torch.empty((n_samples, *qz.batch_shape), dtype=qz.loc.dtype, device=qz.loc.device).normal_()
+        z = qz.loc + eps * qz.scale                                          # (S, n, d)
+        px = self.generative(z)                                              # batch (S, n, p)
+        if closed_form and isinstance(px, Bernoulli):
+            # log Bernoulli(x; sigmoid(l)) = x l - softplus(l), valid for any x in [0, 1]
+            log_px = (px.logits * target).sum(-1) - F.softplus(px.logits).sum(-1)   # (S, n)
+        else:
+            log_px = px.log_prob(target).sum(-1)                             # (S, n)
+        log_w = None
+        if weights and closed_form:
+            # log p(z) - log q(z|x) = -z^2/2 - (-eps^2/2 - log sigma): the 2 pi terms cancel
+            log_w = log_px + (0.5 * (eps.square() - z.square()).sum(-1) + qz.scale.log().sum(-1))
+        elif weights:
+            log_pz = self.prior().log_prob(z).sum(-1)                        # (S, n)
+            q = Normal(qz.loc.detach(), qz.scale.detach(), validate_args=False) if dreg else qz
+            log_w = log_px + log_pz - q.log_prob(z).sum(-1)                  # (S, n)
+        rec = log_px.mean(0)                                                 # (n,)
+        kl_dim = kl_divergence(qz, self.prior())                             # (n, d)
+        kl = kl_dim.sum(-1)                                                  # (n,)
+        return Draws(qz=qz, eps=eps, z=z, log_px=log_px, log_w=log_w,
+                     terms=Terms(rec=rec, kl=kl, kl_dim=kl_dim, elbo=rec - kl))
 
     def terms(self, x: torch.Tensor, target: Optional[torch.Tensor] = None, n_samples: int = 1) -> Terms:
         """ELBO terms per sample, with `n_samples` reparameterized draws of z for the reconstruction."""
-        target = x if target is None else target
-        qz = self.encoder(x)                                                 # batch (n, d)
-        z = qz.rsample((n_samples,))                                         # (S, n, d)
-        px = self.decoder(z)                                                 # batch (S, n, p)
-        rec = px.log_prob(target).sum(-1).mean(0)                            # (n,)
-        kl_dim = kl_divergence(qz, self.prior())                                 # (n, d)
-        kl = kl_dim.sum(-1)                                                  # (n,)
-        return Terms(rec=rec, kl=kl, kl_dim=kl_dim, elbo=rec - kl)
+        return self.draw(x, n_samples=n_samples, target=target).terms
 
     def forward(self, x: torch.Tensor, target: Optional[torch.Tensor] = None, *, objective: str = "elbo",
                 iw_samples: int = 1, beta: float = 1.0, free_bits: float = 0.0, dreg: bool = False):
@@ -212,41 +288,23 @@ class VAEModule(nn.Module):
         The training step goes through forward() so that DistributedDataParallel sees it.
         """
         if objective == "iwae":
-            lw, qz, log_px, z = self._log_weights(x, iw_samples, target, dreg=dreg)  # (K, n), (n, d), (K, n), (K, n, d)
-            bound = torch.logsumexp(lw, 0) - math.log(iw_samples)            # (n,)
-            if dreg and z.requires_grad:
+            s = self.draw(x, n_samples=iw_samples, target=target, weights=True, dreg=dreg)
+            bound = torch.logsumexp(s.log_w, 0) - math.log(iw_samples)      # (n,)
+            if dreg and s.z.requires_grad:
                 # d bound = sum_k w_k d lw_k. The hook turns the encoder's share, reached only
                 # through z since log q's parameters are held fixed, into sum_k w_k^2 (d lw_k/dz) dz.
-                w = torch.softmax(lw.detach().float(), 0)                    # (K, n)
-                z.register_hook(lambda g: g * w.unsqueeze(-1).to(g.dtype))
-            with torch.no_grad():
-                kl_dim = kl_divergence(qz, self.prior())                         # (n, d)
-                rec = log_px.mean(0)
-                terms = Terms(rec=rec, kl=kl_dim.sum(-1), kl_dim=kl_dim, elbo=rec - kl_dim.sum(-1))
-            return -bound.mean(), terms
-        t = self.terms(x, target)
+                w = torch.softmax(s.log_w.detach().float(), 0)               # (K, n)
+                s.z.register_hook(lambda g: g * w.unsqueeze(-1).to(g.dtype))
+            return -bound.mean(), s.terms.detach()                           # terms for logging only
+        t = self.draw(x, target=target).terms
         kl_term = t.kl_dim.mean(0).clamp(min=free_bits).sum() if free_bits > 0 else t.kl.mean()
         return -(t.rec.mean() - beta * kl_term), t
 
     def log_weights(self, x: torch.Tensor, n_samples: int, target: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Importance log-weights log p(x|z_k) + log p(z_k) - log q(z_k|x), shape (K, n)."""
-        return self._log_weights(x, n_samples, target)[0]
-
-    def _log_weights(self, x, n_samples, target=None, dreg=False):
-        target = x if target is None else target
-        qz = self.encoder(x)                                                 # batch (n, d)
-        z = qz.rsample((n_samples,))                                         # (K, n, d)
-        px = self.decoder(z)                                                 # batch (K, n, p)
-        log_px = px.log_prob(target).sum(-1)                                 # (K, n)
-        log_pz = self.prior().log_prob(z).sum(-1)                            # (K, n)
-        # DReG: log q with its parameters held fixed (same value), so the encoder reaches lw through z only
-        q = Normal(qz.loc.detach(), qz.scale.detach(), validate_args=False) if dreg else qz
-        log_qz = q.log_prob(z).sum(-1)                                       # (K, n)
-        return log_px + log_pz - log_qz, qz, log_px, z
+        return self.draw(x, n_samples=n_samples, target=target, weights=True).log_w
 
     def iwae_bound(self, x: torch.Tensor, n_samples: int, target: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The K-sample importance-weighted bound on log p(x), shape (n,)."""
         lw = self.log_weights(x, n_samples, target)                          # (K, n)
         return torch.logsumexp(lw, 0) - math.log(n_samples)
-
-

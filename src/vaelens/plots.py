@@ -65,6 +65,17 @@ def save_figure(fig: Figure, path) -> bytes:
     return data
 
 
+def mixture_density(t: np.ndarray, mu: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """The one-dimensional mixture (1/n) sum_i N(t; mu_i, sigma_i^2) at the points t (G,): shape (G,).
+
+    The package's one numpy normal density, for figures (tensors use torch.distributions): mu,
+    sigma (n,) are one latent's posteriors, the aggregate posterior q(z_j); the prior N(0, 1) is
+    the mixture of one. Memory (G, n).
+    """
+    u = (np.asarray(t, dtype=np.float64)[:, None] - mu) / sigma             # (G, n)
+    return (np.exp(-0.5 * u ** 2) / (sigma * math.sqrt(2 * math.pi))).mean(1)
+
+
 def _new(nrows: int = 1, ncols: int = 1, w: float = 4.0, h: float = 3.2, **kw):
     fig, axes = plt.subplots(nrows, ncols, figsize=(w * ncols, h * nrows), squeeze=False, **kw)
     return fig, axes
@@ -329,11 +340,9 @@ def aggregate_posterior_figure(mu: np.ndarray, sigma: np.ndarray, dims: Optional
         lo = min(-4.0, float(np.min(mu[:, j] - 3 * sigma[:, j])))
         hi = max(4.0, float(np.max(mu[:, j] + 3 * sigma[:, j])))
         t = np.linspace(lo, hi, grid)
-        # A mixture of n Gaussians on the grid, (n, grid) at a time; n is subsampled by callers.
-        dens = np.exp(-0.5 * ((t[None, :] - mu[:, j, None]) / sigma[:, j, None]) ** 2) / (
-            sigma[:, j, None] * math.sqrt(2 * math.pi))
-        q = dens.mean(0)
-        p = np.exp(-0.5 * t ** 2) / math.sqrt(2 * math.pi)
+        # A mixture of n Gaussians on the grid, (grid, n) at a time; n is subsampled by callers.
+        q = mixture_density(t, mu[:, j], sigma[:, j])
+        p = mixture_density(t, np.zeros(1), np.ones(1))
         ax.fill_between(t, q, color="tab:blue", alpha=0.35, lw=0)
         ax.plot(t, q, color="tab:blue", lw=1.2, label="aggregate q(z)")
         ax.plot(t, p, color="0.3", ls="--", lw=1.0, label="prior N(0,1)")

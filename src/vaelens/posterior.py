@@ -16,31 +16,20 @@ q(z|x) = N(mu(x), diag sigma(x)^2). Two questions are answered here with numbers
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from scipy import stats
+from torch.distributions import MultivariateNormal, Normal, kl_divergence
 
 from .errors import ConfigError, DataError
-from .evaluate import ACTIVE_THRESHOLD, aggregate_posterior_stats
-from .evaluate import active_units as _active_units
+from .evaluate import ACTIVE_THRESHOLD, aggregate_posterior_stats, to_tensor
+from .evaluate import active_units as _active_units  # a count; this module's is the mask
+from .io import jsonable
 from .model import seeded
-
-
-def _jsonable(d: dict) -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, np.ndarray):
-            out[k] = v.tolist()
-        elif isinstance(v, (np.floating, np.integer, np.bool_)):
-            out[k] = v.item()
-        elif isinstance(v, dict):
-            out[k] = _jsonable(v)
-        else:
-            out[k] = v
-    return out
 
 
 # --- point clouds --------------------------------------------------------------------------
@@ -104,14 +93,7 @@ class PointCloudCheck:
         if not include_z:
             d.pop("z")
         d["n_samples"] = self.n_samples
-        return _jsonable(d)
-
-
-def _as_tensor(module, X) -> torch.Tensor:
-    device = next(module.parameters()).device
-    if isinstance(X, torch.Tensor):
-        return X.to(device=device, dtype=torch.float32)
-    return torch.as_tensor(np.asarray(X, dtype=np.float32), device=device)
+        return jsonable(d)
 
 
 def point_cloud_check(module, X, indices: Sequence[int], n_samples: int = 2000, seed: int = 0,
@@ -145,7 +127,7 @@ def point_cloud_check(module, X, indices: Sequence[int], n_samples: int = 2000, 
         raise ConfigError(f"n_samples must be >= 2 to estimate a std, got {n_samples}")
     if not 0 < level < 1:
         raise ConfigError(f"level must be in (0, 1), got {level}")
-    Xt = _as_tensor(module, X)
+    Xt = to_tensor(module, X)
     idx = np.asarray(indices, dtype=np.int64).reshape(-1)
     if idx.size == 0:
         raise DataError("no samples chosen to check")
@@ -154,7 +136,7 @@ def point_cloud_check(module, X, indices: Sequence[int], n_samples: int = 2000, 
     warn_batch_dependent(module)
     module.eval()
     with torch.inference_mode(), seeded(seed, Xt.device):
-        qz = module.encoder(Xt[torch.as_tensor(idx, device=Xt.device)])     # batch (k, d)
+        qz = module.inference(Xt[torch.as_tensor(idx, device=Xt.device)])     # batch (k, d)
         z = qz.rsample((n_samples,))                                         # (S, k, d)
     z = z.double().cpu().numpy()
     mu = qz.loc.double().cpu().numpy() if mu is None else np.asarray(mu, np.float64)
@@ -199,8 +181,6 @@ def warn_batch_dependent(module) -> list:
     """Warn (once per call) if the encoder has batch-dependent layers; returns their names."""
     names = batch_dependent_layers(module)
     if names:
-        import warnings
-
         warnings.warn(f"the encoder has batch-dependent layers ({', '.join(names)}): mu(x) and sigma(x) are "
                       f"functions of x alone only in eval mode, where vaelens evaluates them", stacklevel=3)
     return names
@@ -208,8 +188,11 @@ def warn_batch_dependent(module) -> list:
 
 # --- the aggregate posterior ----------------------------------------------------------------
 
-def active_units(mu: np.ndarray, threshold: float = ACTIVE_THRESHOLD) -> np.ndarray:
-    """Boolean mask (d,) of Burda et al.'s active units, Var_x(mu_j) > threshold (see `evaluate.active_units`)."""
+def active_mask(mu: np.ndarray, threshold: float = ACTIVE_THRESHOLD) -> np.ndarray:
+    """Which latents are Burda et al.'s active units, Var_x(mu_j) > threshold: a boolean mask (d,).
+
+    `evaluate.active_units` gives their count and the variances.
+    """
     return _active_units(mu, threshold)[1] > threshold
 
 
@@ -257,7 +240,7 @@ class AggregatePosterior:
     n: int
 
     def to_dict(self) -> dict:
-        return _jsonable(asdict(self))
+        return jsonable(asdict(self))
 
 
 def _check_mu_sigma(mu, sigma):
@@ -272,6 +255,22 @@ def _check_mu_sigma(mu, sigma):
     return mu, sigma
 
 
+def _kl_from_prior(mu, sigma, mean, total, cov):
+    """KL divergences from N(0, I), float64: the mean of KL(q(z|x) || p(z)) over the samples, the
+    moment-matched Gaussian's per latent (d,) and jointly (inf when cov is not positive definite)."""
+    t = torch.from_numpy
+    d = len(mean)
+    pz = Normal(torch.zeros(d, dtype=torch.float64), torch.ones(d, dtype=torch.float64))
+    mean_kl = float(kl_divergence(Normal(t(mu), t(sigma)), pz).sum(1).mean())
+    kl_dim = kl_divergence(Normal(t(mean), t(np.sqrt(total))), pz).numpy()
+    L, info = torch.linalg.cholesky_ex(t(cov))
+    kl_mm = math.inf
+    if info == 0:
+        mm = MultivariateNormal(t(mean), scale_tril=L)
+        kl_mm = float(kl_divergence(mm, MultivariateNormal(pz.loc, scale_tril=torch.diag(pz.scale))))
+    return mean_kl, kl_dim, kl_mm
+
+
 def aggregate_posterior(mu: np.ndarray, sigma: np.ndarray) -> AggregatePosterior:
     """Moments of the aggregate posterior from per-sample mu, sigma of shape (n, d)."""
     mu, sigma = _check_mu_sigma(mu, sigma)
@@ -283,10 +282,7 @@ def aggregate_posterior(mu: np.ndarray, sigma: np.ndarray) -> AggregatePosterior
     cov = cov_mu + np.diag(within)
     between = np.diag(cov_mu).copy()
     total = between + within
-    kl_dim = 0.5 * (total + mean ** 2 - 1.0 - np.log(total))
-    sign, logdet = np.linalg.slogdet(cov)
-    kl_mm = 0.5 * (np.trace(cov) + mean @ mean - d - logdet) if sign > 0 else math.inf
-    mean_kl = float((0.5 * (sigma ** 2 + mu ** 2 - 1.0) - np.log(sigma)).sum(1).mean())
+    mean_kl, kl_dim, kl_mm = _kl_from_prior(mu, sigma, mean, total, cov)
     return AggregatePosterior(mean=mean, cov=cov, between=between, within=within, total=total,
                               share_between=between / total, active=between > ACTIVE_THRESHOLD, kl_dim=kl_dim,
                               kl_moment_matched=float(kl_mm), mean_kl=mean_kl, n=n)
@@ -333,7 +329,7 @@ class AggregateMonteCarlo:
     passed: bool
 
     def to_dict(self) -> dict:
-        return _jsonable(asdict(self))
+        return jsonable(asdict(self))
 
 
 def aggregate_monte_carlo(mu: np.ndarray, sigma: np.ndarray, n_draws: int = 20000, seed: int = 0,

@@ -21,10 +21,12 @@ import numpy as np
 import torch
 from scipy import stats
 from scipy.optimize import linear_sum_assignment
-from torch.distributions import Normal, kl_divergence
+from torch.distributions import Normal
 
 from .errors import ConfigError, DataError
-from .posterior import _as_tensor, _jsonable, active_units, warn_batch_dependent
+from .evaluate import to_tensor
+from .io import jsonable
+from .posterior import active_mask, warn_batch_dependent
 
 # Per-sample relative ELBO change allowed under a signed permutation: the map is exact, and the
 # comparison runs in float64, so only rounding remains.
@@ -56,7 +58,7 @@ class BatchInvariance:
     passed: bool
 
     def to_dict(self) -> dict:
-        return _jsonable(asdict(self))
+        return jsonable(asdict(self))
 
 
 def batch_invariance(module, X, batch_sizes: Sequence[int] = (1, 7, 64), seed: int = 0,
@@ -67,18 +69,18 @@ def batch_invariance(module, X, batch_sizes: Sequence[int] = (1, 7, 64), seed: i
     equality is checked to `atol`, not bit for bit.
     """
     layers = warn_batch_dependent(module)
-    Xt = _as_tensor(module, X)
+    Xt = to_tensor(module, X)
     n = len(Xt)
     module.eval()
     rng = np.random.default_rng(seed)
     with torch.inference_mode():
-        ref = module.encoder(Xt)                                             # batch (n, d)
+        ref = module.inference(Xt)                                            # batch (n, d)
         dmu, dsig = 0.0, 0.0
         for b in batch_sizes:
             perm = torch.as_tensor(rng.permutation(n), device=Xt.device)
             mus, sigmas = [], []
             for i in range(0, n, b):
-                q = module.encoder(Xt[perm[i:i + b]])
+                q = module.inference(Xt[perm[i:i + b]])
                 mus.append(q.loc)
                 sigmas.append(q.scale)
             mu = torch.empty_like(ref.loc)
@@ -167,14 +169,10 @@ def elbo_with_noise(module, x: torch.Tensor, eps: torch.Tensor, sigma: Optional[
     compared on the same z (mapped through the symmetry), so the difference is exact, not Monte Carlo.
     `sigma` (n, d) replaces the encoder's scales.
     """
-    qz = module.encoder(x)                                                   # batch (n, d)
+    qz = module.inference(x)                                                 # batch (n, d)
     if sigma is not None:
         qz = Normal(qz.loc, sigma, validate_args=False)
-    z = qz.loc + qz.scale * eps                                              # (S, n, d)
-    px = module.decoder(z)                                                   # batch (S, n, p)
-    rec = px.log_prob(x).sum(-1).mean(0)                                     # (n,)
-    kl = kl_divergence(qz, module.prior()).sum(-1)                           # (n,)
-    return rec - kl
+    return module.draw(x, eps, qz=qz).terms.elbo
 
 
 @dataclass(frozen=True)
@@ -229,7 +227,7 @@ class SymmetryReport:
         d["elbo_perm_mean"] = float(self.elbo_perm.mean())
         d.pop("elbo")
         d.pop("elbo_perm")
-        return _jsonable(d)
+        return jsonable(d)
 
 
 def symmetry_report(module, X, seed: int = 0, n_samples: int = 16, n_rotations: int = 3,
@@ -251,7 +249,7 @@ def symmetry_report(module, X, seed: int = 0, n_samples: int = 16, n_rotations: 
         Use at most this many rows of X (the first ones).
     """
     base = copy.deepcopy(module).double().eval()
-    x = _as_tensor(module, X)[:max_rows].double()
+    x = to_tensor(module, X)[:max_rows].double()
     n, d = len(x), module.latent_dim
     rng = np.random.default_rng(seed)
     perm = rng.permutation(d)
@@ -266,13 +264,13 @@ def symmetry_report(module, X, seed: int = 0, n_samples: int = 16, n_rotations: 
     with torch.inference_mode():
         elbo = elbo_with_noise(base, x, eps)                                 # (n,)
         elbo_p = elbo_with_noise(pm, x, ts * eps[..., tp])                   # same z, mapped: z' = signs * z[perm]
-        q0, qp = base.encoder(x), pm.encoder(x)
+        q0, qp = base.inference(x), pm.inference(x)
         mu_change = float((qp.loc - q0.loc).abs().max())
         mu_map = float((qp.loc - ts * q0.loc[:, tp]).abs().max())
         drops, ses, matched, planes = [], [], [], []
         # planes of active latents first: rotating two collapsed latents (mu = 0, sigma = 1, unread by
         # the decoder) changes nothing, which says nothing about the code
-        act = np.flatnonzero(active_units(q0.loc.cpu().numpy()))
+        act = np.flatnonzero(active_mask(q0.loc.cpu().numpy()))
         pool = act if len(act) >= 2 else np.arange(d)
         pairs = [(int(a), int(b)) for k, a in enumerate(pool) for b in pool[k + 1:]]
         for r in rng.permutation(len(pairs))[:n_rotations]:
@@ -358,7 +356,7 @@ class Comparison:
         return f"different codes (MCC {self.mcc_pearson:.3f}, linear R^2 {r2:.3f})"
 
     def to_dict(self) -> dict:
-        d = _jsonable(asdict(self))
+        d = jsonable(asdict(self))
         d["verdict"] = self.verdict()
         return d
 
@@ -412,7 +410,7 @@ def compare(mu_a: np.ndarray, mu_b: np.ndarray, sigma_a: Optional[np.ndarray] = 
     mu_a, mu_b : ndarray of shape (n, d_a), (n, d_b)
     sigma_a, sigma_b : ndarray of the same shapes, optional
     active_a, active_b : bool ndarray of shape (d_a,), (d_b,), optional
-        Default: `posterior.active_units` (Var mu > 0.01).
+        Default: `posterior.active_mask` (Var mu > 0.01).
     seed : int
         Seeds the split of the samples into a matching half and a scoring half.
     """
@@ -425,8 +423,8 @@ def compare(mu_a: np.ndarray, mu_b: np.ndarray, sigma_a: Optional[np.ndarray] = 
         raise DataError(f"comparing latents needs at least 8 samples, got {n}")
     sigma_a = np.ones_like(mu_a) if sigma_a is None else np.asarray(sigma_a, np.float64)
     sigma_b = np.ones_like(mu_b) if sigma_b is None else np.asarray(sigma_b, np.float64)
-    act_a = active_units(mu_a) if active_a is None else np.asarray(active_a, bool)
-    act_b = active_units(mu_b) if active_b is None else np.asarray(active_b, bool)
+    act_a = active_mask(mu_a) if active_a is None else np.asarray(active_a, bool)
+    act_b = active_mask(mu_b) if active_b is None else np.asarray(active_b, bool)
     ia, ib = np.flatnonzero(act_a), np.flatnonzero(act_b)
     perm = np.random.default_rng(seed).permutation(n)
     fit, test = perm[: n // 2], perm[n // 2:]
