@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
+from scipy import stats
 
 from .errors import ConfigError
 
@@ -131,10 +132,6 @@ def exact_posterior(X: np.ndarray, W: np.ndarray, mean: np.ndarray, noise_std: f
 
 def log_likelihood(X: np.ndarray, W: np.ndarray, mean: np.ndarray, noise_std: float) -> np.ndarray:
     """log N(x; m, W W^T + s^2 I) per sample, shape (n,)."""
-    Xc = np.asarray(X, np.float64) - mean                                    # (n, p)
-    p = Xc.shape[1]
-    C = W @ W.T + noise_std ** 2 * np.eye(p)                                 # (p, p)
-    L = np.linalg.cholesky(C)
-    sol = np.linalg.solve(L, Xc.T)                                           # (p, n)
-    logdet = 2.0 * np.log(np.diag(L)).sum()
-    return -0.5 * ((sol ** 2).sum(0) + logdet + p * np.log(2 * np.pi))
+    X = np.asarray(X, np.float64)                                             # (n, p)
+    C = W @ W.T + noise_std ** 2 * np.eye(X.shape[1])                        # (p, p)
+    return np.atleast_1d(stats.multivariate_normal(np.broadcast_to(mean, X.shape[1:]), C).logpdf(X))
