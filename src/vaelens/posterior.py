@@ -258,7 +258,7 @@ def _check_mu_sigma(mu, sigma):
 def _kl_from_prior(mu, sigma, mean, total, cov):
     """KL divergences from N(0, I), float64: the mean of KL(q(z|x) || p(z)) over the samples, the
     moment-matched Gaussian's per latent (d,) and jointly (inf when cov is not positive definite)."""
-    t = torch.from_numpy
+    t = torch.tensor  # a copy: the arrays may be read-only views, which torch would warn about sharing
     d = len(mean)
     pz = Normal(torch.zeros(d, dtype=torch.float64), torch.ones(d, dtype=torch.float64))
     mean_kl = float(kl_divergence(Normal(t(mu), t(sigma)), pz).sum(1).mean())
@@ -274,7 +274,7 @@ def _kl_from_prior(mu, sigma, mean, total, cov):
 def aggregate_posterior(mu: np.ndarray, sigma: np.ndarray) -> AggregatePosterior:
     """Moments of the aggregate posterior from per-sample mu, sigma of shape (n, d)."""
     mu, sigma = _check_mu_sigma(mu, sigma)
-    n, d = mu.shape
+    n = len(mu)
     mean = mu.mean(0)                                                        # (d,)
     within = (sigma ** 2).mean(0)                                            # (d,)
     mu_c = mu - mean
