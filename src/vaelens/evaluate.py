@@ -12,6 +12,7 @@ References: Burda, Grosse & Salakhutdinov 2016 (IWAE estimate, active units); Ho
 
 from __future__ import annotations
 
+import ctypes
 import math
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -44,8 +45,6 @@ _TRIM_EVERY = 32
 
 def _trim_heap() -> None:
     try:
-        import ctypes
-
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to do
         pass
