@@ -11,6 +11,8 @@ Layout::
     RUN/checkpoints/LATEST     name of the newest complete checkpoint
 
 EEEEEE counts completed epochs and SSSSSS the steps done in the next one (0 at an epoch end).
+A checkpoint holds a `TrainState` (trainer.json and, for its tensors, best.safetensors and
+trainer.safetensors) beside the weights, the optimizer and scheduler state and the generators.
 
 Weights and tensors go through safetensors, everything else through JSON, so loading a run
 never unpickles anything. Every file is written to a temporary name, fsynced and renamed,
@@ -224,7 +226,8 @@ class TrainState:
 
     A checkpoint is written at an epoch's end (`step` 0, no partial sums) or, on a signal, mid-epoch: then
     `step` steps of epoch `epoch` (counted from 0) are done and `sums`/`kl_dim_sum` hold their sums over
-    every rank, so the resumed epoch reports the same means as an uninterrupted one.
+    every rank, so the resumed epoch reports the same means as an uninterrupted one. The epochs' records
+    are not part of it: RUN/metrics.jsonl keeps them.
     """
 
     epoch: int = 0  # completed epochs

@@ -425,7 +425,8 @@ def _train_steps(run: _Run, state: TrainState, X_epoch: torch.Tensor, perm: torc
 
 def _end_epoch(run: _Run, state: TrainState, epoch: int, sums: torch.Tensor, kl_dim_sum: torch.Tensor,
                beta: float, t0: float, last) -> dict:
-    """The finished epoch's metrics record: its mean loss terms over every rank's samples."""
+    """The finished epoch's metrics record: its mean loss terms over every rank's samples. The state no
+    longer holds an interrupted epoch's place or sums."""
     _check_weights(run.params, last, run.out)  # the epoch's last step, before anything is kept or saved
     state.step, state.sums, state.kl_dim_sum = 0, None, None
     dist.all_reduce_sum(sums)
