@@ -6,9 +6,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from vaelens import checkpoint as ck
 from vaelens import data, train
+from vaelens.checkpoint import TrainState
 from vaelens.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from vaelens.errors import TrainingDiverged
+from vaelens.model import VAEModule
 
 from _helpers import prepared, small_cfg
 
@@ -125,3 +128,34 @@ def test_bf16_autocast_on_cpu_trains_close_to_float32():
         qz = half.module.encoder(torch.as_tensor(X[:8]))
         px = half.module.decoder(qz.rsample())
     assert qz.loc.dtype == qz.scale.dtype == px.logits.dtype == torch.float32
+
+
+def test_train_state_round_trips_through_a_checkpoint(tmp_path):
+    # a mid-epoch TrainState with two ranks' generators: every field comes back exactly, each rank gets its own
+    # generator, and only rank 0 carries the partial sums (they are every rank's)
+    cfg, _, _ = prepared(small_cfg())
+    module = VAEModule(cfg.model)
+    opt = train.build_optimizer(cfg, list(module.parameters()), torch.device("cpu"))
+    best = {k: v + 1 for k, v in module.state_dict().items()}
+    sums = torch.tensor([1 / 3, -2 / 7, 1e-300, 64.0], dtype=torch.float64)
+    state = TrainState(epoch=2, step=5, best_val=41.25, best_epoch=2, bad_epochs=0, sums=sums,
+                       kl_dim_sum=torch.tensor([0.1, 0.2, 1 / 3], dtype=torch.float64), best=best)
+    rank1 = torch.Generator().manual_seed(9).get_state()
+    rank0 = torch.get_rng_state()  # this process's generator goes in as rank 0's
+    ck.save_train_state(tmp_path, module, opt, None, state, rngs={"rng.torch.rank1": rank1})
+    for rank in (0, 1):
+        back, rng = ck.load_train_state(tmp_path, VAEModule(cfg.model), opt, None, rank=rank)
+        assert (back.epoch, back.step, back.best_val, back.best_epoch, back.bad_epochs) == (2, 5, 41.25, 2, 0)
+        assert all(torch.equal(back.best[k], best[k]) for k in best)
+        assert torch.equal(rng["torch"], rank1 if rank else rank0)
+        if rank == 0:
+            assert torch.equal(back.sums, sums) and torch.equal(back.kl_dim_sum, state.kl_dim_sum)
+        else:
+            assert back.sums is None and back.kl_dim_sum is None
+    # a checkpoint written before best weights were kept with it: the run's model.safetensors stands in
+    folder = ck.checkpoint_candidates(tmp_path)[0]
+    (folder / ck.BEST).unlink()
+    ck.write_checksums(folder, ck.CKPT_FILES)
+    ck.save_run_weights(tmp_path, best)
+    back, _ = ck.load_train_state(tmp_path, VAEModule(cfg.model), opt, None)
+    assert all(torch.equal(back.best[k], best[k]) for k in best)

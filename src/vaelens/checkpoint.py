@@ -11,6 +11,8 @@ Layout::
     RUN/checkpoints/LATEST     name of the newest complete checkpoint
 
 EEEEEE counts completed epochs and SSSSSS the steps done in the next one (0 at an epoch end).
+A checkpoint holds a `TrainState` (trainer.json and, for its tensors, best.safetensors and
+trainer.safetensors) beside the weights, the optimizer and scheduler state and the generators.
 
 Weights and tensors go through safetensors, everything else through JSON, so loading a run
 never unpickles anything. Every file is written to a temporary name, fsynced and renamed,
@@ -22,8 +24,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -214,17 +219,38 @@ def _optimizer_from_flat(tensors: Dict[str, torch.Tensor], plain: dict) -> dict:
     return {"state": state, "param_groups": plain["param_groups"]}
 
 
-def save_checkpoint(run_dir: Path, module: torch.nn.Module, optimizer, scheduler, trainer: dict,
-                    rng_state: torch.Tensor, best: Optional[Dict[str, torch.Tensor]] = None,
-                    extra_tensors: Optional[Dict[str, torch.Tensor]] = None) -> Path:
+@dataclass
+class TrainState:
+    """Where a training run stands: what a checkpoint restores besides the weights, optimizer, schedule and
+    random-number generators.
+
+    A checkpoint is written at an epoch's end (`step` 0, no partial sums) or, on a signal, mid-epoch: then
+    `step` steps of epoch `epoch` (counted from 0) are done and `sums`/`kl_dim_sum` hold their sums over
+    every rank, so the resumed epoch reports the same means as an uninterrupted one. The epochs' records
+    are not part of it: RUN/metrics.jsonl keeps them.
+    """
+
+    epoch: int = 0  # completed epochs
+    step: int = 0  # steps done in the next epoch
+    best_val: float = math.inf  # the lowest monitored loss so far (validation loss, else training loss)
+    best_epoch: int = 0
+    bad_epochs: int = 0  # epochs since the monitored loss last improved (early stopping)
+    sums: Optional[torch.Tensor] = None  # float64 (sum of loss * n, of rec, of KL, n) of the interrupted epoch
+    kl_dim_sum: Optional[torch.Tensor] = None  # float64 KL summed per latent dimension, same epoch
+    best: Optional[Dict[str, torch.Tensor]] = None  # the weights of best_epoch
+
+
+def save_train_state(run_dir: Path, module: torch.nn.Module, optimizer, scheduler, state: TrainState,
+                     rngs: Optional[Dict[str, torch.Tensor]] = None) -> Path:
     """Write a complete checkpoint folder, then point LATEST at it; prune older ones.
 
-    `best` is the best-so-far weights, kept with the checkpoint so that resuming from any
-    checkpoint (including an older one after a damaged newest) restores a consistent pair.
-    On a failed write the half-written folder is removed and LATEST still names the previous one.
+    The best-so-far weights are kept with the checkpoint so that resuming from any checkpoint (including
+    an older one after a damaged newest) restores a consistent pair. `rngs` holds other ranks' generator
+    states (``rng.<kind>.rank<r>``); this process's CPU generator is saved as ``rng.torch``. On a failed
+    write the half-written folder is removed and LATEST still names the previous one.
     """
     ck_root = Path(run_dir) / CKPT_DIR
-    name = f"ckpt-{trainer['epoch']:06d}-{trainer['step']:06d}"
+    name = f"ckpt-{state.epoch:06d}-{state.step:06d}"
     folder = ck_root / name
     try:
         ck_root.mkdir(parents=True, exist_ok=True)
@@ -235,11 +261,18 @@ def save_checkpoint(run_dir: Path, module: torch.nn.Module, optimizer, scheduler
         raise CheckpointError(f"{folder}: could not create the checkpoint folder ({e.strerror or e})") from None
     try:
         save_tensors(folder / WEIGHTS, module.state_dict())
-        if best is not None:
-            save_tensors(folder / BEST, best)
+        if state.best is not None:
+            save_tensors(folder / BEST, state.best)
         opt_tensors, opt_plain = _optimizer_to_flat(optimizer.state_dict())
-        save_tensors(folder / TRAINER_TENSORS, {**opt_tensors, **(extra_tensors or {}), "rng.torch": rng_state})
-        meta = dict(trainer, optimizer=opt_plain, scheduler=scheduler.state_dict() if scheduler is not None else None)
+        tensors = {**opt_tensors, **(rngs or {}), "rng.torch": torch.get_rng_state()}
+        if state.kl_dim_sum is not None:
+            tensors["sums.kl_dim"] = state.kl_dim_sum
+        save_tensors(folder / TRAINER_TENSORS, tensors)
+        meta = dict(epoch=state.epoch, step=state.step, best_val=state.best_val, best_epoch=state.best_epoch,
+                    bad_epochs=state.bad_epochs, optimizer=opt_plain,
+                    # float64 sums round-trip exactly through JSON (repr), so a resumed epoch logs the same figures
+                    sums=None if state.sums is None else [float(v) for v in state.sums],
+                    scheduler=scheduler.state_dict() if scheduler is not None else None)
         atomic_write_text(folder / TRAINER_META, json.dumps(meta, indent=1, sort_keys=True) + "\n")
         write_checksums(folder, CKPT_FILES)
         atomic_write_text(ck_root / LATEST, name + "\n")
@@ -255,6 +288,55 @@ def save_checkpoint(run_dir: Path, module: torch.nn.Module, optimizer, scheduler
         if partial.is_dir() and partial.name != name and not (partial / CHECKSUMS).exists():
             shutil.rmtree(partial, ignore_errors=True)  # left by a crash mid-write
     return folder
+
+
+def load_train_state(run_dir: Path, module: torch.nn.Module, optimizer, scheduler, rank: int = 0,
+                     quarantine_damaged: bool = False) -> Tuple[TrainState, Dict[str, torch.Tensor]]:
+    """Load the newest checkpoint that reads cleanly into module, optimizer and scheduler; fall back to
+    older ones, naming what failed.
+
+    Returns the TrainState and rank `rank`'s generator states ({"torch": ..., "cuda": ... when saved}).
+    With `quarantine_damaged`, damaged newer checkpoints are renamed damaged-<name> so they can never
+    shadow the ones written from here on.
+    """
+    problems, damaged = [], []
+    for folder in checkpoint_candidates(run_dir):
+        try:
+            weights, opt_state, sched_state, state, tensors = load_checkpoint(folder)
+            module.load_state_dict(weights)
+            optimizer.load_state_dict(opt_state)
+            if scheduler is not None and sched_state is not None:
+                scheduler.load_state_dict(sched_state)
+        except (CheckpointError, KeyError, ValueError, TypeError, RuntimeError) as e:
+            problems.append(f"{folder.name}: {_one_line(e)}")
+            damaged.append(folder)
+            continue
+        if problems:
+            if quarantine_damaged:
+                for bad in damaged:
+                    quarantine(bad)
+            warnings.warn("skipped damaged checkpoint(s): " + "; ".join(problems) + f"; resuming from {folder.name}")
+        if state.best is None:  # checkpoints written before best.safetensors existed
+            state.best = _run_weights_or(run_dir, weights)
+        if rank != 0:  # a mid-epoch checkpoint's partial sums are every rank's: rank 0 carries them
+            state.sums = state.kl_dim_sum = None
+        # each rank its own generators, where the checkpoint has them (mid-epoch ones do)
+        rng = {"torch": tensors.get(f"rng.torch.rank{rank}", tensors["rng.torch"])}
+        if f"rng.cuda.rank{rank}" in tensors:
+            rng["cuda"] = tensors[f"rng.cuda.rank{rank}"]
+        return state, rng
+    detail = ("; ".join(problems)) if problems else "there are none"
+    raise CheckpointError(f"{run_dir}: no usable checkpoint to resume from ({detail})")
+
+
+def _run_weights_or(run_dir: Path, fallback: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """RUN/model.safetensors (the best weights when the run last saved), or `fallback` if it is unreadable."""
+    if (Path(run_dir) / WEIGHTS).exists():
+        try:
+            return load_tensors(Path(run_dir) / WEIGHTS)
+        except CheckpointError:
+            pass
+    return fallback
 
 
 def checkpoint_candidates(run_dir: Path):
@@ -290,10 +372,12 @@ _TRAINER_KEYS = ("epoch", "step", "best_val", "best_epoch", "bad_epochs", "optim
 
 
 def load_checkpoint(folder: Path):
-    """Read a checkpoint folder: (weights, optimizer state dict, trainer dict, trainer tensors).
+    """Read a checkpoint folder: (weights, optimizer state dict, scheduler state or None, TrainState,
+    trainer tensors).
 
-    The trainer tensors hold the optimizer state, ``rng.torch`` and any extra tensors saved
-    with the checkpoint; `best` weights, when the checkpoint has them, are in ``meta["best"]``.
+    The trainer tensors hold the optimizer state and the generator states (``rng.torch`` and, from a
+    mid-epoch checkpoint, ``rng.<kind>.rank<r>``). `TrainState.best` is None when the checkpoint was
+    written before best weights were kept with it.
     """
     folder = Path(folder)
     if not (folder / CHECKSUMS).exists():
@@ -314,11 +398,19 @@ def load_checkpoint(folder: Path):
     if "rng.torch" not in tensors:
         raise CheckpointError(f"{folder / TRAINER_TENSORS}: has no random-number state (rng.torch)")
     try:
-        opt = _optimizer_from_flat(tensors, meta.pop("optimizer"))
+        opt = _optimizer_from_flat(tensors, meta["optimizer"])
     except (KeyError, ValueError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{meta_path}: malformed optimizer state ({_one_line(e)})") from None
-    meta["best"] = load_tensors(folder / BEST) if (folder / BEST).exists() else None
-    return weights, opt, meta, tensors
+    try:
+        sums = meta.get("sums")
+        state = TrainState(epoch=int(meta["epoch"]), step=int(meta["step"]), best_val=float(meta["best_val"]),
+                           best_epoch=int(meta["best_epoch"]), bad_epochs=int(meta["bad_epochs"]),
+                           sums=None if sums is None else torch.tensor(sums, dtype=torch.float64),
+                           kl_dim_sum=tensors.get("sums.kl_dim"))
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{meta_path}: malformed trainer state ({_one_line(e)})") from None
+    state.best = load_tensors(folder / BEST) if (folder / BEST).exists() else None
+    return weights, opt, meta.get("scheduler"), state, tensors
 
 
 # --- metrics ----------------------------------------------------------------------------------

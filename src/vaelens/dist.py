@@ -7,7 +7,9 @@ gloo on CPU, NCCL on CUDA. Outside torchrun everything here is a no-op for rank 
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as tdist
@@ -74,6 +76,18 @@ def all_reduce_max_int(v: int, device: torch.device) -> int:
     return v
 
 
+def agreed_signal(name: Optional[str], device: torch.device) -> Optional[str]:
+    """The name of the signal that asks the run to stop, the same on every rank; None to go on.
+
+    `name` is the signal this rank has seen, if any. Under torchrun each rank sees its signal between
+    different steps (or only one rank gets it); a rank that stopped alone would leave the others waiting
+    in the next gradient all-reduce. So the ranks agree, at every check, on the highest signal number any
+    of them has seen.
+    """
+    num = all_reduce_max_int(0 if name is None else int(signal.Signals[name]), device)
+    return None if num == 0 else signal.Signals(num).name
+
+
 def all_gather_tensor(t: torch.Tensor, device: torch.device) -> list:
     """Every rank's `t` (same shape and dtype on each), on the CPU in rank order ([t] outside torchrun).
 
@@ -85,6 +99,24 @@ def all_gather_tensor(t: torch.Tensor, device: torch.device) -> list:
         tdist.all_gather(parts, mine)
         return [q.cpu() for q in parts]
     return [t]
+
+
+def gather_rng_states(device: torch.device) -> dict:
+    """Every rank's generator states (CPU, and CUDA on a GPU) as checkpoint tensors, gathered from all ranks.
+
+    A step's noise comes from the device's generator and differs between ranks, so a mid-epoch
+    checkpoint keeps each rank's: the resumed ranks then draw what the uninterrupted ones would have.
+    Rank 0's CPU state is the checkpoint's ``rng.torch``; the others are ``rng.<kind>.rank<r>``.
+    """
+    mine = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        mine["cuda"] = torch.cuda.get_rng_state(device)
+    out = {}
+    for kind, t in mine.items():
+        for r, state in enumerate(all_gather_tensor(t, device)):
+            if (r, kind) != (0, "torch"):
+                out[f"rng.{kind}.rank{r}"] = state
+    return out
 
 
 def barrier() -> None:
