@@ -129,13 +129,6 @@ def load(cfg: DataConfig, split: str = "train") -> Dataset:
     return ds
 
 
-def data_config_for(spec: str, **kwargs) -> DataConfig:
-    """A `DataConfig` from a CLI-style spec: a built-in name or a file path."""
-    if spec in BUILTIN:
-        return DataConfig(name=spec, **kwargs)
-    return DataConfig(name="file", path=str(spec), **kwargs)
-
-
 # --- built-in sets ----------------------------------------------------------------------------
 
 def load_digits(split: str = "train") -> Dataset:

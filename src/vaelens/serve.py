@@ -285,7 +285,8 @@ def create_app(vae: VAE, dataset: Dataset, *, max_points: int = MAX_MAP_POINTS, 
     dataset : Dataset
         The data shown on the map, in the run's own units.
     max_points, seed : int
-        Size and seed of the map's subsample for large sets.
+        Size and seed of the map's subsample for large sets; the seed also binarizes a binarized
+        run's data, once (``vaelens serve --seed``, as every command).
     allowed_hosts : list of str, optional
         Host headers accepted; the CLI passes the loopback names when bound to loopback,
         so that another web site cannot reach the API through DNS rebinding.
@@ -295,36 +296,27 @@ def create_app(vae: VAE, dataset: Dataset, *, max_points: int = MAX_MAP_POINTS, 
     fastapi.FastAPI
     """
     require_deps()
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, Response
-    from pydantic import BaseModel, ConfigDict, Field
-    from starlette.exceptions import HTTPException
+    from fastapi import FastAPI
 
     explorer = Explorer(vae, dataset, max_points=max_points, seed=seed)
-    # Read once, from the package only: no request ever names a file.
-    pages = {name: (_static(name), ctype) for name, ctype in STATIC_FILES.items()}
-    d = explorer.d
-
     app = FastAPI(title="vaelens", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.explorer = explorer
     if allowed_hosts:
         from starlette.middleware.trustedhost import TrustedHostMiddleware
 
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
+    _add_error_handlers(app)
+    _add_pages(app)
+    _add_api(app, explorer)
+    return app
 
-    strict = ConfigDict(extra="forbid", strict=True)
 
-    class DrawRequest(BaseModel):
-        model_config = strict
-        index: int
-        n: int = 20
-        offset: int = 0
-        seed: int = Field(default=0, ge=0, le=2 ** 32 - 1)
-
-    class DecodeRequest(BaseModel):
-        model_config = strict
-        z: list[float] = Field(min_length=d, max_length=d)
+def _add_error_handlers(app) -> None:
+    """Every refusal answers ``{"error": "<one line>"}`` with its 4xx status."""
+    from fastapi import Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -342,6 +334,13 @@ def create_app(vae: VAE, dataset: Dataset, *, max_points: int = MAX_MAP_POINTS, 
     async def _data(request: Request, exc: DataError):
         return JSONResponse({"error": str(exc)}, status_code=422)
 
+
+def _add_pages(app) -> None:
+    """The page's static files, read once from the package only: no request ever names a file."""
+    from fastapi.responses import Response
+
+    pages = {name: (_static(name), ctype) for name, ctype in STATIC_FILES.items()}
+
     def page(name: str):
         body, ctype = pages[name]
         return Response(body, media_type=ctype, headers={"Cache-Control": "no-cache"})
@@ -355,6 +354,26 @@ def create_app(vae: VAE, dataset: Dataset, *, max_points: int = MAX_MAP_POINTS, 
         if name not in pages:
             raise ApiError(f"no such file: {name}", status=404)
         return page(name)
+
+
+def _add_api(app, explorer: Explorer) -> None:
+    """The JSON API (see the module docstring)."""
+    from fastapi.responses import JSONResponse, Response
+    from pydantic import BaseModel, ConfigDict, Field
+
+    strict = ConfigDict(extra="forbid", strict=True)
+    d = explorer.d
+
+    class DrawRequest(BaseModel):
+        model_config = strict
+        index: int
+        n: int = 20
+        offset: int = 0
+        seed: int = Field(default=0, ge=0, le=2 ** 32 - 1)
+
+    class DecodeRequest(BaseModel):
+        model_config = strict
+        z: list[float] = Field(min_length=d, max_length=d)
 
     # Answers are built as plain JSON types, so they skip FastAPI's per-value encoder (a few ms
     # for one MNIST image); the answers that never change are rendered once.
@@ -389,8 +408,6 @@ def create_app(vae: VAE, dataset: Dataset, *, max_points: int = MAX_MAP_POINTS, 
     @app.post("/api/decode")
     async def decode(req: DecodeRequest):
         return JSONResponse(explorer.decode(req.z))
-
-    return app
 
 
 def _describe(errors) -> str:
