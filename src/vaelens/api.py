@@ -1,8 +1,11 @@
 """The estimator users import: ``from vaelens import VAE``.
 
-scikit-learn conventions: the constructor only stores parameters, `fit` validates and
-returns self, learned state ends in ``_``. Inputs may be numpy arrays or torch tensors;
-outputs are numpy arrays. Every inference call runs in eval mode under inference_mode.
+scikit-learn conventions: the constructor only stores parameters (every option of the config
+sections, defaults read from them), `fit` validates and returns self, learned state ends in
+``_``. Inputs may be numpy arrays or torch tensors in data units; `VAE.model_input` is the one
+path from them to the model (validation, the run's binarization with a seed, its
+standardization; docs/datapath.md). Outputs are numpy arrays. Every inference call runs in
+eval mode under inference_mode.
 """
 
 from __future__ import annotations
@@ -466,7 +469,7 @@ def as_dataset(X: ArrayLike, where: str = "X", image_shape: Optional[Tuple[int, 
         raise DataError(f"{where}: expected a 2-D array (samples, features), got 1-D shape {arr.shape}; "
                         f"use X.reshape(-1, 1) for one feature or X.reshape(1, -1) for one sample")
     if arr.ndim == 3:
-        ds = data_mod._from_array(arr, where)
+        ds = data_mod.from_array(arr, where)
     else:
         if arr.dtype.kind not in "biuf":
             raise DataError(f"{where}: expected numbers, got dtype {arr.dtype}")
@@ -478,5 +481,5 @@ def as_dataset(X: ArrayLike, where: str = "X", image_shape: Optional[Tuple[int, 
             data_mod.check_finite(X32, where, what="values too large for float32 (|x| > 3.4e38)")
         ds = Dataset(X=X32, name=where, image_shape=image_shape)
     if image_shape is not None:
-        ds.image_shape = tuple(image_shape)
+        ds = dataclasses.replace(ds, image_shape=tuple(image_shape))  # never the caller's Dataset
     return ds
