@@ -238,3 +238,62 @@ def test_headless_browser_renders_report(cli_table_run, tmp_path):
                         f"--screenshot={shot}", "--window-size=1200,2000", report.as_uri()],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and Image.open(shot).size == (1200, 2000)
+
+
+# --- where the figures go (issue 16: report --out overwrote RUN/figures) ---------------------------
+
+def test_out_elsewhere_writes_figures_beside_it_not_in_the_run(table_run, table_data, tmp_path):
+    first = build_report(table_run, table_data, evaluate=False)  # the default output: RUN/figures
+    assert first.figure_dir == table_run / "figures"
+    assert all(p.parent == table_run / "figures" for p in first.figures.values())
+    before = {p.name: p.read_bytes() for p in (table_run / "figures").iterdir()}
+    out = tmp_path / "elsewhere" / "mine.html"
+    rep = build_report(table_run, table_data[:100], out_path=out, seed=1, evaluate=False)
+    assert rep.figure_dir == tmp_path / "elsewhere" / "mine_figures"
+    assert set(rep.figures) and all(p.parent == rep.figure_dir and p.exists() for p in rep.figures.values())
+    # the earlier report's figures are untouched
+    assert {p.name: p.read_bytes() for p in (table_run / "figures").iterdir()} == before
+    _check_images(_parse(out), rep)
+
+
+def test_report_files_follow_the_umask(table_run, table_data, tmp_path):
+    old = __import__("os").umask(0o022)
+    try:
+        rep = build_report(table_run, table_data, out_path=tmp_path / "r.html", evaluate=False)
+        js = rep.write_json(tmp_path / "r.json")
+    finally:
+        __import__("os").umask(old)
+    for p in [rep.path, js, *rep.figures.values()]:
+        assert p.stat().st_mode & 0o777 == 0o644, p
+    assert json.loads(js.read_text())["figure_dir"] == str(tmp_path / "r_figures")
+
+
+def test_stale_figures_removed_only_with_overwrite(table_run, table_data, tmp_path):
+    other = tmp_path / "other"
+    VAE(latent_dim=2, hidden=(8,), likelihood="gaussian", standardize=True, epochs=1).fit(table_data).save(other)
+    out = tmp_path / "r.html"
+    rep = build_report(table_run, table_data, out_path=out, compare_runs=[other], evaluate=False)
+    stale = rep.figure_dir / "compare_runs.png"
+    assert stale.exists()
+    mine = rep.figure_dir / "my_notes.png"
+    mine.write_bytes(b"not a report figure")
+    # without overwrite an earlier report's figure stays, and the page says so
+    again = build_report(table_run, table_data, out_path=out, evaluate=False)
+    assert stale.exists() and any("compare_runs.png" in n for n in again.notes)
+    assert "compare_runs.png" in out.read_text()
+    # with overwrite (report --force) it goes; a file the report never writes is left alone
+    final = build_report(table_run, table_data, out_path=out, evaluate=False, overwrite=True)
+    assert not stale.exists() and mine.exists()
+    assert not any("earlier report" in n for n in final.notes)
+    assert sorted(p.name for p in rep.figure_dir.glob("*.png")) == sorted(
+        [f"{n}.png" for n in final.figures] + ["my_notes.png"])
+
+
+def test_unwritable_figure_folder_fails_before_any_work(table_run, table_data, tmp_path):
+    from vaelens.errors import OutputError
+
+    out = tmp_path / "r.html"
+    (tmp_path / "r_figures").write_text("a file where the figure folder goes")
+    with pytest.raises(OutputError, match="r_figures"):
+        build_report(table_run, table_data, out_path=out, evaluate=False)
+    assert not out.exists()

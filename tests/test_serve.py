@@ -136,6 +136,36 @@ def test_aggregate_posterior_against_the_prior(client, vae, digits):
         assert np.trapezoid(dens[j], grid[j]) == pytest.approx(1, abs=0.03)
 
 
+def test_binarized_run_shows_and_encodes_one_binarization(digits):
+    """A binarized run's page shows the bits the model encodes, and a sample's draws come from those bits."""
+    from vaelens.data import binarize_static
+
+    vae = VAE(latent_dim=2, hidden=(16,), binarize="dynamic", epochs=1).fit(digits.X[:200])
+    ds = digits.subset(np.arange(40))
+    ex = Explorer(vae, ds, seed=5)
+    bits = binarize_static(ds.X, 5)
+    assert ex.info()["binarized"] is True
+    s = ex.sample(3)
+    assert np.array_equal(s["x"], bits[3])
+    np.testing.assert_allclose(s["mu"], vae.encode(bits[3:4]).mu[0], atol=1e-5)
+    z = np.asarray(ex.draw(3, MAX_BATCH)["z"])
+    # 1000 draws: their mean is within 5 standard errors of the mu of the bits shown
+    assert (np.abs(z.mean(0) - vae.encode(bits).mu[3]) < 5 * vae.encode(bits).sigma[3] / np.sqrt(MAX_BATCH)).all()
+
+
+def test_aggregate_densities_are_the_normal_mixture(vae, digits):
+    """The density curves equal mean_i N(grid; mu_i, sigma_i) and N(grid; 0, 1), written out here in numpy."""
+    ex = Explorer(vae, digits)
+    a = ex.aggregate()
+    grid, dens, prior = (np.asarray(a[k]) for k in ("grid", "density", "prior"))
+    mu, sigma = ex.mu.astype(np.float64), ex.sigma.astype(np.float64)
+    for j in range(D):
+        u = (grid[j][:, None] - mu[:, j]) / sigma[:, j]
+        expected = (np.exp(-0.5 * u ** 2) / (sigma[:, j] * np.sqrt(2 * np.pi))).mean(1)
+        np.testing.assert_allclose(dens[j], expected, atol=2e-5)
+        np.testing.assert_allclose(prior[j], np.exp(-0.5 * grid[j] ** 2) / np.sqrt(2 * np.pi), atol=2e-5)
+
+
 def test_table_data_decodes_feature_values_in_data_units():
     rng = np.random.default_rng(0)
     X = (rng.normal(size=(300, 5)) * [1, 10, 100, 0.1, 1] + [0, 50, -200, 3, 1]).astype(np.float32)

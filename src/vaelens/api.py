@@ -1,19 +1,24 @@
 """The estimator users import: ``from vaelens import VAE``.
 
-scikit-learn conventions: the constructor only stores parameters, `fit` validates and
-returns self, learned state ends in ``_``. Inputs may be numpy arrays or torch tensors;
-outputs are numpy arrays. Every inference call runs in eval mode under inference_mode.
+scikit-learn conventions: the constructor only stores parameters (every option of the config
+sections, defaults read from them), `fit` validates and returns self, learned state ends in
+``_``. Inputs may be numpy arrays or torch tensors in data units; `VAE.model_input` is the one
+path from them to the model (validation, the run's binarization with a seed, its
+standardization; docs/datapath.md). Outputs are numpy arrays. Every inference call runs in
+eval mode under inference_mode.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+from sklearn.base import BaseEstimator, TransformerMixin
 
 from . import checkpoint as ck
 from . import data as data_mod
@@ -21,12 +26,15 @@ from .config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from .data import Dataset
 from .errors import ConfigError, DataError, VaelensError
 from .evaluate import Evaluation
+from .evaluate import elbo_terms as _elbo_terms
 from .evaluate import encode_all as _encode_all
 from .evaluate import evaluate as _evaluate
 from .evaluate import iwae_log_likelihood as _iwae_log_likelihood
 from .model import VAEModule, seeded
+from .posterior import aggregate_posterior, point_cloud_check
 from .train import fit as _fit
 from .train import prepare as _prepare
+from .uniqueness import symmetry_report
 
 ArrayLike = Union[np.ndarray, torch.Tensor, Sequence]
 
@@ -52,13 +60,50 @@ class Posterior:
         return len(self.mu)
 
 
-_MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)} - {"input_dim", "image_shape"}
-_TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)} - {"epochs", "seed"}
-_DATA_FIELDS = {"binarize", "standardize", "val_fraction"}
+# --- the estimator's parameters --------------------------------------------------------------
+# Every user-settable option of the config sections is a parameter of `VAE.__init__`, with the
+# section's own default: defaults are written once, in vaelens.config. Fields filled from the data
+# (input_dim, image_shape) and the data-source fields (name, path, key ...) are not parameters.
+_DATA_PARAMS = ("binarize", "standardize", "val_fraction")
+_SECTIONS = {
+    "model": [f for f in dataclasses.fields(ModelConfig) if f.name not in ("input_dim", "image_shape")],
+    "train": list(dataclasses.fields(TrainConfig)),
+    "data": [f for f in dataclasses.fields(DataConfig) if f.name in _DATA_PARAMS],
+}
+# Importance samples per row for `score_samples`/`score`: enough for a model-selection ranking at a
+# few milliseconds a row; `log_likelihood` takes k explicitly for reported figures.
+SCORE_K = 100
 
 
-class VAE:
+def _signature() -> inspect.Signature:
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    for fields in _SECTIONS.values():
+        for f in fields:
+            if f.default is dataclasses.MISSING:  # a bug in config.py, not user input
+                raise TypeError(f"config field {f.name} has no plain default")
+            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                                            annotation=f.type))
+    params.append(inspect.Parameter("score_k", inspect.Parameter.KEYWORD_ONLY, default=SCORE_K, annotation=int))
+    return inspect.Signature(params)
+
+
+def _plain(v):
+    """A parameter value as the config takes it: numpy scalars (a grid search's) as Python, lists as tuples."""
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, (list, np.ndarray)):
+        return tuple(_plain(e) for e in v)
+    return v
+
+
+class VAE(TransformerMixin, BaseEstimator):
     """A variational autoencoder with a diagonal-Gaussian encoder and a N(0, I) prior.
+
+    A scikit-learn estimator: the constructor only stores its keyword parameters, `fit` validates
+    and returns self, learned state ends in ``_``; `get_params`, `set_params`, `clone`, Pipelines
+    and grid searches work. The parameters are every option of `vaelens.config.ModelConfig`,
+    `TrainConfig` and ``binarize``, ``standardize``, ``val_fraction`` of `DataConfig`, with the
+    defaults written there (``inspect.signature(VAE)`` lists them), and ``score_k``.
 
     Parameters
     ----------
@@ -66,10 +111,16 @@ class VAE:
     hidden : tuple of int
         Hidden layer sizes of the encoder trunk (the decoder mirrors them); () for linear.
     likelihood : {"bernoulli", "cbernoulli", "gaussian"}
-    **kwargs
-        Any other field of `ModelConfig` (``arch``, ``activation``, ``gaussian_scale``,
-        ``sigma_floor`` ...), `TrainConfig` (``lr``, ``batch_size``, ``beta``, ``objective`` ...)
-        or ``binarize``, ``standardize``, ``val_fraction``.
+    activation, arch, gaussian_scale, fixed_scale, sigma_floor, conv_channels
+        The rest of `ModelConfig`.
+    epochs, batch_size, lr, optimizer, weight_decay, schedule, lr_gamma, grad_clip, objective,
+    iw_samples, dreg, beta, warmup_epochs, free_bits, patience, seed, device, bf16
+        `TrainConfig`.
+    binarize : {"none", "static", "dynamic"}
+    standardize : bool
+    val_fraction : float
+    score_k : int
+        Importance samples per row of `score_samples` and `score`.
 
     Attributes
     ----------
@@ -79,30 +130,34 @@ class VAE:
     history_ : list of dict
         One metrics record per epoch.
     n_features_in_ : int
+    latent_dim_ : int
+
+    Inputs may be numpy arrays, torch tensors or `Dataset`s in data units; every method that feeds
+    the model prepares them with `model_input` (see there, and docs/datapath.md). Outputs are numpy.
     """
 
-    def __init__(self, latent_dim: int = 8, hidden: Tuple[int, ...] = (256, 128), likelihood: str = "bernoulli",
-                 **kwargs):
-        self.latent_dim = latent_dim
-        self.hidden = tuple(hidden)
-        self.likelihood = likelihood
-        unknown = set(kwargs) - _MODEL_FIELDS - _TRAIN_FIELDS - _DATA_FIELDS
+    def __init__(self, **params):
+        unknown = sorted(set(params) - set(_PARAM_NAMES))
         if unknown:
-            raise ConfigError(f"VAE: unknown parameter(s) {', '.join(sorted(unknown))}")
-        self.params = dict(kwargs)
+            raise ConfigError(f"VAE: unknown parameter(s) {', '.join(unknown)}; "
+                              f"the parameters are {', '.join(_PARAM_NAMES)}")
+        for p in _SIGNATURE.parameters.values():
+            if p.name != "self":
+                setattr(self, p.name, params.get(p.name, p.default))
 
     # --- configuration ---------------------------------------------------------------------
-    def _config(self, epochs: int, seed: int) -> RunConfig:
-        p = self.params
-        model = ModelConfig(latent_dim=self.latent_dim, hidden=self.hidden, likelihood=self.likelihood,
-                            **{k: v for k, v in p.items() if k in _MODEL_FIELDS})
-        train = TrainConfig(epochs=epochs, seed=seed, **{k: v for k, v in p.items() if k in _TRAIN_FIELDS})
-        data = DataConfig(name="array", **{k: v for k, v in p.items() if k in _DATA_FIELDS})
-        return RunConfig(data=data, model=model, train=train)
+    def _run_config(self) -> RunConfig:
+        """The run configuration the parameters describe (validated when `fit` prepares the data)."""
+        section = {name: {f.name: _plain(getattr(self, f.name)) for f in fields}
+                   for name, fields in _SECTIONS.items()}
+        return RunConfig(data=DataConfig(name="array", **section["data"]), model=ModelConfig(**section["model"]),
+                         train=TrainConfig(**section["train"]))
 
     @classmethod
     def from_config(cls, cfg: RunConfig, module: VAEModule) -> "VAE":
-        est = cls(latent_dim=cfg.model.latent_dim, hidden=cfg.model.hidden, likelihood=cfg.model.likelihood)
+        """A fitted estimator for a run's config and trained module; its parameters are the run's."""
+        values = {"model": cfg.model, "train": cfg.train, "data": cfg.data}
+        est = cls(**{f.name: getattr(values[name], f.name) for name, fields in _SECTIONS.items() for f in fields})
         est.config_ = cfg
         est.module_ = module.eval()
         est.n_features_in_ = cfg.model.input_dim
@@ -110,27 +165,33 @@ class VAE:
         return est
 
     # --- training --------------------------------------------------------------------------
-    def fit(self, X: ArrayLike, X_val: Optional[ArrayLike] = None, *, epochs: int = 100, seed: int = 0,
-            image_shape: Optional[Tuple[int, int]] = None, run_dir: Optional[Union[str, Path]] = None,
-            progress: Optional[bool] = False) -> "VAE":
+    def fit(self, X: ArrayLike, y=None, *, X_val: Optional[ArrayLike] = None, epochs: Optional[int] = None,
+            seed: Optional[int] = None, image_shape: Optional[Tuple[int, int]] = None,
+            run_dir: Optional[Union[str, Path]] = None, progress: Optional[bool] = False) -> "VAE":
         """Train on X (n, p); returns self.
 
         Parameters
         ----------
         X : array-like of shape (n, p), or (n, h, w) images
+        y : ignored
+            Present for scikit-learn (Pipelines pass labels through); a VAE is unsupervised.
         X_val : array-like of shape (m, p), optional
             Validation data for early stopping; without it ``val_fraction`` of X is held out.
-        epochs, seed : int
+        epochs, seed : int, optional
+            Override the ``epochs`` and ``seed`` parameters for this fit only (the parameters, and so
+            `get_params` and `clone`, stay as they are; ``config_`` records what was used).
         image_shape : (h, w), optional
             Needed for ``arch="conv"`` when X is flattened.
         run_dir : path, optional
             Also write a run directory (config, weights, metrics) there.
         """
-        ds = _as_dataset(X, "X", image_shape)
-        val = None if X_val is None else _as_dataset(X_val, "X_val", image_shape)
-        cfg = self._config(epochs, seed)
-        if val is not None:
-            cfg = cfg.replace(data={"val_fraction": 0.0})
+        if y is not None and np.ndim(y) == 2 and np.shape(y)[1:] == np.shape(X)[1:]:
+            raise ConfigError("fit(X, y): y is ignored (a VAE is unsupervised); pass validation data as X_val=")
+        ds = as_dataset(X, "X", image_shape)
+        val = None if X_val is None else as_dataset(X_val, "X_val", image_shape)
+        cfg = self._run_config()
+        overrides = {k: v for k, v in (("epochs", epochs), ("seed", seed)) if v is not None}
+        cfg = cfg.replace(train=overrides, data={"val_fraction": 0.0} if val is not None else {})
         cfg, Xtr, Xv = _prepare(cfg, ds, val)
         if run_dir is not None and Path(run_dir).exists() and any(Path(run_dir).iterdir()):
             raise VaelensError(f"{run_dir}: already exists and is not empty; choose another run directory")
@@ -142,39 +203,98 @@ class VAE:
         self.result_ = result
         return self
 
-    # --- inference -------------------------------------------------------------------------
+    # --- the one path from user data to model input ----------------------------------------
     def _check(self) -> None:
         if not hasattr(self, "module_"):
             raise VaelensError("this VAE is not fitted yet: call fit(X) or VAE.load(path) first")
 
-    def _tensor(self, X: ArrayLike, where: str = "X") -> torch.Tensor:
-        """Validate and transform new data exactly as the training data was."""
-        self._check()
-        ds = _as_dataset(X, where, None)
-        Xn = data_mod.apply_transform(ds.X, self.config_.transform) if self.config_.data.standardize else ds.X
-        data_mod.validate(Xn, self.config_.model.likelihood, where, self.n_features_in_)
-        return torch.as_tensor(Xn, dtype=torch.float32, device=self.device_)
+    def __sklearn_is_fitted__(self) -> bool:
+        return hasattr(self, "module_")
 
     @property
     def device_(self) -> torch.device:
         self._check()
         return next(self.module_.parameters()).device
 
-    def encode(self, X: ArrayLike, batch_size: int = 4096) -> Posterior:
-        """Per-sample posterior q(z|x): mu and sigma of shape (n, d), float32."""
-        Xt = self._tensor(X)
+    @property
+    def latent_dim_(self) -> int:
+        """The fitted model's latent dimension d (the ``latent_dim`` parameter may have been set since)."""
+        self._check()
+        return int(self.config_.model.latent_dim)
+
+    @property
+    def binarized_(self) -> bool:
+        """Whether the run was trained on binarized data (``binarize`` static or dynamic)."""
+        self._check()
+        return self.config_.data.binarize != "none"
+
+    def binarize_input(self, X: ArrayLike, seed: Optional[int] = 0) -> np.ndarray:
+        """X in data units as the model sees it: for a binarized run one seeded binarization, else X itself.
+
+        Returns float32 of shape (n, p), checked like `model_input` (shape, numbers, finite, feature
+        count, the likelihood's support). For a run trained with ``binarize`` static or dynamic each
+        value becomes one Bernoulli draw of its intensity, ``data.binarize_static(X, seed)``: the same
+        bits for the same X and seed, whatever the method or command. 0/1 data come back unchanged,
+        so binarizing once and passing the result on gives every later call the same bits (report and
+        serve show these inputs beside their reconstructions). ``seed=None`` draws fresh bits.
+        """
+        X = self._checked(X)
+        return data_mod.binarize_static(X, seed) if self.binarized_ else X
+
+    def model_input(self, X: ArrayLike, seed: Optional[int] = 0) -> np.ndarray:
+        """X (data units) as the model takes it: float32 of shape (n, p) in the model's units.
+
+        The one path from user data to the model; every method below that feeds the module calls it.
+
+        1. validation: a 2-D array of numbers (or images (n, h, w), flattened), finite, representable
+           in float32, with the fitted model's number of features, inside the likelihood's support;
+        2. a run trained with ``binarize`` static or dynamic: one seeded binarization (`binarize_input`);
+        3. a run trained with ``standardize``: the run's saved per-feature mean and std.
+
+        (A run is never both: binarization needs a Bernoulli likelihood, standardization a Gaussian.)
+        Every command feeds the model through here with its ``--seed`` (default 0), so `vaelens
+        evaluate`, `report` and the Python methods see the same bits for the same rows and seed.
+        """
+        Xb = self.binarize_input(X, seed)
+        if not self.config_.data.standardize:
+            return Xb
+        Xn = data_mod.apply_transform(Xb, self.config_.transform)
+        data_mod.check_finite(Xn, "X", what="values too large to standardize")
+        return Xn
+
+    def _checked(self, X: ArrayLike, where: str = "X") -> np.ndarray:
+        self._check()
+        Xa = as_dataset(X, where, None).X
+        # the likelihood's support applies to the data before standardization only for unstandardized runs
+        support = "gaussian" if self.config_.data.standardize else self.config_.model.likelihood
+        data_mod.validate(Xa, support, where, self.n_features_in_)
+        return Xa
+
+    def _tensor(self, X: ArrayLike, seed: Optional[int] = 0) -> torch.Tensor:
+        return torch.as_tensor(self.model_input(X, seed), device=self.device_)
+
+    # --- inference -------------------------------------------------------------------------
+    def encode(self, X: ArrayLike, batch_size: int = 4096, seed: Optional[int] = 0) -> Posterior:
+        """Per-sample posterior q(z|x): mu and sigma of shape (n, d), float32.
+
+        `seed` only binarizes X for a binarized run (see `model_input`); encoding draws nothing.
+        """
+        Xt = self._tensor(X, seed)
         mu, sigma = _encode_all(self.module_, Xt, batch_size=batch_size)
         return Posterior(mu=mu.astype(np.float32), sigma=sigma.astype(np.float32))
 
-    def transform(self, X: ArrayLike) -> np.ndarray:
+    def transform(self, X: ArrayLike, seed: Optional[int] = 0) -> np.ndarray:
         """The posterior means mu(x), shape (n, d): the usual latent representation."""
-        return self.encode(X).mu
+        return self.encode(X, seed=seed).mu
 
-    def sample_latent(self, X: ArrayLike, n_samples: int = 1, seed: Optional[int] = None) -> np.ndarray:
-        """Reparameterized z = mu + sigma * eps through the training path, shape (n_samples, n, d)."""
+    def sample_latent(self, X: ArrayLike, n_samples: int = 1, seed: Optional[int] = 0) -> np.ndarray:
+        """Reparameterized z = mu + sigma * eps through the training path, shape (n_samples, n, d).
+
+        `seed` binarizes X (binarized runs) and seeds the draws; None draws fresh noise (and bits).
+        """
         if n_samples < 1:
             raise ConfigError(f"n_samples must be >= 1, got {n_samples}")
-        Xt = self._tensor(X)
+        Xt = self._tensor(X, seed)
         self.module_.eval()
         with torch.inference_mode(), seeded(seed, Xt.device):
             z = self.module_.encoder(Xt).rsample((n_samples,))               # (S, n, d)
@@ -183,9 +303,10 @@ class VAE:
     def decode(self, Z: ArrayLike, mean: bool = True) -> np.ndarray:
         """Decoder output for latent points Z (m, d): the likelihood's mean (or a draw), in data units."""
         self._check()
+        d = self.latent_dim_
         Zt = torch.as_tensor(np.asarray(Z, dtype=np.float32), device=self.device_)
-        if Zt.ndim != 2 or Zt.shape[1] != self.config_.model.latent_dim:
-            raise DataError(f"Z: expected shape (m, {self.config_.model.latent_dim}), got {tuple(Zt.shape)}")
+        if Zt.ndim != 2 or Zt.shape[1] != d:
+            raise DataError(f"Z: expected shape (m, {d}), got {tuple(Zt.shape)}")
         if not torch.isfinite(Zt).all():
             raise DataError("Z: contains NaN or infinite values")
         self.module_.eval()
@@ -195,9 +316,9 @@ class VAE:
         out = out.cpu().numpy()
         return data_mod.invert_transform(out, self.config_.transform) if self.config_.data.standardize else out
 
-    def reconstruct(self, X: ArrayLike) -> np.ndarray:
-        """Decoder mean at z = mu(x), shape (n, p), in data units."""
-        return self.decode(self.encode(X).mu)
+    def reconstruct(self, X: ArrayLike, seed: Optional[int] = 0) -> np.ndarray:
+        """Decoder mean at z = mu(x), shape (n, p), in data units (of the binarized X for a binarized run)."""
+        return self.decode(self.encode(X, seed=seed).mu)
 
     def generate(self, n: int, seed: Optional[int] = None) -> np.ndarray:
         """Decoder means for n draws z ~ N(0, I), shape (n, p)."""
@@ -205,40 +326,47 @@ class VAE:
         if n < 1:
             raise ConfigError(f"n must be >= 1, got {n}")
         g = torch.Generator().manual_seed(seed) if seed is not None else None
-        z = torch.randn(n, self.config_.model.latent_dim, generator=g)
+        z = torch.randn(n, self.latent_dim_, generator=g)
         return self.decode(z.numpy())
 
     def elbo(self, X: ArrayLike, n_samples: int = 1, seed: Optional[int] = 0, batch_size: int = 4096) -> np.ndarray:
-        """Per-sample ELBO in nats, shape (n,), with `n_samples` draws of z per sample."""
-        Xt = self._tensor(X)
-        out = []
-        self.module_.eval()
-        with torch.inference_mode(), seeded(seed, Xt.device):
-            for i in range(0, len(Xt), batch_size):
-                out.append(self.module_.terms(Xt[i:i + batch_size], n_samples=n_samples).elbo)
-        return torch.cat(out).double().cpu().numpy()
+        """Per-sample ELBO in nats, shape (n,), with `n_samples` draws of z per sample (seeded)."""
+        Xt = self._tensor(X, seed)
+        return _elbo_terms(self.module_, Xt, n_samples=n_samples, batch_size=batch_size, seed=seed)["elbo"]
 
     def log_likelihood(self, X: ArrayLike, k: int = 5000, seed: Optional[int] = 0, batch_size: Optional[int] = None,
                        chunk_size: Optional[int] = None, progress: bool = False,
                        distributed: bool = False) -> np.ndarray:
         """Per-sample IWAE estimate of log p(x) in nats with `k` importance samples, shape (n,).
 
-        In the model's units: for a standardized run, log p of the standardized data. Binary
-        data (a binarized run) should be binarized before the call. A row's figure depends on
-        `seed` and its row index only, not on the batching; with `distributed` under torchrun the
-        ranks share the rows and all get the whole result.
+        Of the model's input (`model_input`): for a standardized run log p of the standardized data,
+        for a binarized run of X binarized once with `seed`. A row's figure depends on `seed` and its
+        row index only, not on the batching; with `distributed` under torchrun the ranks share the
+        rows and all get the whole result.
         """
-        return _iwae_log_likelihood(self.module_, self._tensor(X), k, chunk_size=chunk_size, batch_size=batch_size,
+        Xt = self._tensor(X, seed)
+        return _iwae_log_likelihood(self.module_, Xt, k, chunk_size=chunk_size, batch_size=batch_size,
                                     progress=progress, seed=seed, distributed=distributed)
+
+    def score_samples(self, X: ArrayLike, seed: Optional[int] = 0) -> np.ndarray:
+        """Per-sample log p(x) in nats, shape (n,): `log_likelihood` with k = ``score_k`` (scikit-learn's name)."""
+        return self.log_likelihood(X, k=self.score_k, seed=seed)
+
+    def score(self, X: ArrayLike, y=None, seed: Optional[int] = 0) -> float:
+        """Mean log p(x) in nats over the rows of X (higher is better): what `GridSearchCV` maximizes."""
+        return float(self.score_samples(X, seed=seed).mean())
 
     def evaluate(self, X: ArrayLike, iw_samples: int = 5000, seed: Optional[int] = 0, progress: bool = False,
                  **kwargs) -> Evaluation:
         """ELBO terms, IWAE log-likelihood, active units, I(x; z) and KL(q(z) || p(z)) on X.
 
-        Returns a `vaelens.evaluate.Evaluation`; ``to_dict()`` gives its JSON summary. Other keyword
-        arguments go to `vaelens.evaluate.evaluate` (``elbo_samples``, ``aggregate_draws`` ...).
+        `seed` binarizes X (binarized runs, see `model_input`) and seeds every draw: the figures of
+        ``vaelens evaluate --seed s`` and of ``vaelens report --seed s`` on the same rows. Returns a
+        `vaelens.evaluate.Evaluation`; ``to_dict()`` gives its JSON summary. Other keyword arguments
+        go to `vaelens.evaluate.evaluate` (``elbo_samples``, ``aggregate_draws``, ``batch_size`` ...).
         """
-        return _evaluate(self.module_, self._tensor(X), iw_samples, seed=seed, progress=progress, **kwargs)
+        Xt = self._tensor(X, seed)
+        return _evaluate(self.module_, Xt, iw_samples, seed=seed, progress=progress, **kwargs)
 
     # --- what mu(x) and sigma(x) are ------------------------------------------------------
     def check(self, X: ArrayLike, indices: Optional[Sequence[int]] = None, n: int = 10, n_samples: int = 2000,
@@ -252,7 +380,8 @@ class VAE:
         indices : sequence of int, optional
             Rows of X to check; default `n` rows chosen at random with `seed`.
         n_samples, level, seed
-            Draws per sample, overall significance level, seed.
+            Draws per sample, overall significance level, seed (of the rows, the draws and, for a
+            binarized run, the binarization).
         mu, sigma : ndarray of shape (k, d), optional
             A claimed posterior to test instead of the encoder's (a wrong claim fails).
 
@@ -260,9 +389,7 @@ class VAE:
         -------
         vaelens.posterior.PointCloudCheck
         """
-        from .posterior import point_cloud_check
-
-        Xt = self._tensor(X)
+        Xt = self._tensor(X, seed)
         if indices is None:
             if n < 1:
                 raise ConfigError(f"n must be >= 1, got {n}")
@@ -270,16 +397,14 @@ class VAE:
         return point_cloud_check(self.module_, Xt, indices, n_samples=n_samples, seed=seed, level=level,
                                  mu=mu, sigma=sigma)
 
-    def aggregate_posterior(self, X: ArrayLike):
+    def aggregate_posterior(self, X: ArrayLike, seed: Optional[int] = 0):
         """The data set's latent distribution q(z) = mean_x q(z|x): mean, covariance and variance split.
 
         Returns
         -------
         vaelens.posterior.AggregatePosterior
         """
-        from .posterior import aggregate_posterior
-
-        post = self.encode(X)
+        post = self.encode(X, seed=seed)
         return aggregate_posterior(post.mu, post.sigma)
 
     def symmetry(self, X: ArrayLike, seed: int = 0, n_rotations: int = 3, n_samples: int = 16):
@@ -289,9 +414,7 @@ class VAE:
         -------
         vaelens.uniqueness.SymmetryReport
         """
-        from .uniqueness import symmetry_report
-
-        return symmetry_report(self.module_, self._tensor(X), seed=seed, n_rotations=n_rotations,
+        return symmetry_report(self.module_, self._tensor(X, seed), seed=seed, n_rotations=n_rotations,
                                n_samples=n_samples)
 
     # --- persistence -----------------------------------------------------------------------
@@ -316,12 +439,22 @@ class VAE:
         est.history_ = ck.read_metrics(Path(path))
         return est
 
-    def __repr__(self) -> str:
-        extra = "".join(f", {k}={v!r}" for k, v in self.params.items())
-        return f"VAE(latent_dim={self.latent_dim}, hidden={self.hidden}, likelihood={self.likelihood!r}{extra})"
+
+_SIGNATURE = _signature()
+_PARAM_NAMES = tuple(p for p in _SIGNATURE.parameters if p != "self")
+# scikit-learn's get_params, clone and repr read the constructor's signature: this one is built
+# from the config dataclasses, so the defaults live there only.
+VAE.__init__.__signature__ = _SIGNATURE
 
 
-def _as_dataset(X: ArrayLike, where: str, image_shape) -> Dataset:
+def as_dataset(X: ArrayLike, where: str = "X", image_shape: Optional[Tuple[int, int]] = None) -> Dataset:
+    """User data as a `Dataset`: the one check of array input (numpy, torch, nested lists, images).
+
+    2-D (n, p) arrays of numbers, or images (n, h, w) that are flattened with their shape kept;
+    float32 must hold the values. Raises a `DataError` naming `where`. A `Dataset` passes unchanged.
+    Finiteness, feature count and the likelihood's support are checked against a model by
+    `VAE.model_input`.
+    """
     if isinstance(X, Dataset):
         return X
     if isinstance(X, torch.Tensor):
@@ -336,7 +469,7 @@ def _as_dataset(X: ArrayLike, where: str, image_shape) -> Dataset:
         raise DataError(f"{where}: expected a 2-D array (samples, features), got 1-D shape {arr.shape}; "
                         f"use X.reshape(-1, 1) for one feature or X.reshape(1, -1) for one sample")
     if arr.ndim == 3:
-        ds = data_mod._from_array(arr, where)
+        ds = data_mod.from_array(arr, where)
     else:
         if arr.dtype.kind not in "biuf":
             raise DataError(f"{where}: expected numbers, got dtype {arr.dtype}")
@@ -348,5 +481,5 @@ def _as_dataset(X: ArrayLike, where: str, image_shape) -> Dataset:
             data_mod.check_finite(X32, where, what="values too large for float32 (|x| > 3.4e38)")
         ds = Dataset(X=X32, name=where, image_shape=image_shape)
     if image_shape is not None:
-        ds.image_shape = tuple(image_shape)
+        ds = dataclasses.replace(ds, image_shape=tuple(image_shape))  # never the caller's Dataset
     return ds

@@ -129,13 +129,6 @@ def load(cfg: DataConfig, split: str = "train") -> Dataset:
     return ds
 
 
-def data_config_for(spec: str, **kwargs) -> DataConfig:
-    """A `DataConfig` from a CLI-style spec: a built-in name or a file path."""
-    if spec in BUILTIN:
-        return DataConfig(name=spec, **kwargs)
-    return DataConfig(name="file", path=str(spec), **kwargs)
-
-
 # --- built-in sets ----------------------------------------------------------------------------
 
 def load_digits(split: str = "train") -> Dataset:
@@ -286,7 +279,7 @@ def load_file(path, key: Optional[str] = None, columns: Optional[Sequence[str]] 
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".gz") else path.suffix
     suffix = suffix.lower()
     if suffix == ".npy":
-        return _from_array(_load_npy(path), str(path))
+        return from_array(_load_npy(path), str(path))
     if suffix == ".npz":
         return _load_npz(path, key, label_column)
     if suffix in (".csv", ".tsv", ".txt"):
@@ -294,7 +287,7 @@ def load_file(path, key: Optional[str] = None, columns: Optional[Sequence[str]] 
     if suffix in (".parquet", ".pq"):
         return _load_parquet(path, columns, label_column)
     if "idx" in path.name:
-        return _from_array(read_idx(path), str(path))
+        return from_array(read_idx(path), str(path))
     raise DataError(f"{path}: unknown file type {suffix or '(none)'}; use .npy, .npz, .csv or .parquet")
 
 
@@ -337,7 +330,7 @@ def _load_npz(path: Path, key: Optional[str], label_key: Optional[str]) -> Datas
         arr = z[key]
     except Exception as e:
         raise DataError(f"{path}[{key}]: {_load_problem(e, '.npz member')}") from None
-    ds = _from_array(arr, f"{path}[{key}]")
+    ds = from_array(arr, f"{path}[{key}]")
     if label_key is not None:
         if label_key not in keys:
             raise DataError(f"{path}: no label array named {label_key!r}; it holds {', '.join(keys)}")
@@ -351,7 +344,8 @@ def _load_npz(path: Path, key: Optional[str], label_key: Optional[str]) -> Datas
     return ds
 
 
-def _from_array(arr: np.ndarray, where: str) -> Dataset:
+def from_array(arr: np.ndarray, where: str) -> Dataset:
+    """A `Dataset` from a loaded array: (n, p) tables, or images (n, h, w) / (n, 1, h, w) flattened."""
     arr = np.asarray(arr)
     if arr.dtype.kind not in "biuf":
         raise DataError(f"{where}: expected numbers, got dtype {arr.dtype}")

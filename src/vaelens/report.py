@@ -2,16 +2,20 @@
 
 `build_report` loads a run directory, encodes (a seeded subsample of) its data and writes
 ``report.html`` with every figure embedded as a base64 PNG and all CSS inline, so the file
-opens from disk with no network; the figures are also saved under ``RUN/figures/``.
-Sections the installed vaelens cannot compute (an optional module missing, too few latent
-dimensions) are kept in the page with the reason they were skipped.
+opens from disk with no network; the figures are also saved as PNG files beside it: in
+``RUN/figures/`` for the default ``RUN/report.html``, else in ``<stem>_figures/`` next to the
+chosen file, so that two reports never write each other's figures. Sections that cannot be
+computed (too few latent dimensions, no runs to compare) are kept with the reason they were skipped.
+
+Everything goes through the `VAE` estimator: for a binarized run the samples shown are one
+binarization with the report's seed, exactly what ``vaelens evaluate --seed`` feeds the model.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,11 +23,27 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
+from . import checkpoint as ck
+from . import data as data_mod
+from . import io
+from .api import VAE, as_dataset
 from .data import Dataset
-from .errors import DataError, VaelensError
+from .errors import DataError, OutputError, VaelensError
+from .evaluate import ACTIVE_THRESHOLD, active_units
+from .plots import (aggregate_posterior_figure, feature_reconstruction_figure, figure_png, heatmap_figure,
+                    images_figure, interpolation_figure, latent_map_figure, point_cloud_figure,
+                    reconstructions_figure, scatter_matrix_figure, training_curves_figure, traversal_figure,
+                    variance_split_figure)
+from .posterior import aggregate_posterior
+from .uniqueness import compare
 
 FIGURES = "figures"
 DEFAULT_NAME = "report.html"
+# Every figure a report can write (the PNG file stems): only these are ever removed from a
+# figure folder as stale, so a user's own files there are never touched.
+FIGURE_NAMES = ("training_curves", "reconstructions", "prior_samples", "traversals", "interpolation",
+                "feature_reconstruction", "scatter_matrix", "latent_map", "point_cloud", "variance_split",
+                "aggregate_posterior", "compare_runs", "compare_matched")
 # Evaluation (IWAE) is the slowest part; a small K on a subset keeps the report under a minute.
 EVAL_POINTS = 500
 EVAL_IW_SAMPLES = 50
@@ -44,7 +64,7 @@ class Report:
     Attributes
     ----------
     path : the HTML file
-    figures : figure name -> PNG path under RUN/figures/
+    figures : figure name -> PNG path under `figure_dir`
     sections : section id -> None when built, else why it was skipped
     notes : facts the page states (subsampling, data used)
     numbers : the figures computed for the page (JSON-ready)
@@ -57,11 +77,24 @@ class Report:
     notes: List[str]
     numbers: dict
     seconds: float
+    figure_dir: Optional[Path] = None  # where the PNGs went: RUN/figures or <stem>_figures beside the HTML
 
     def to_dict(self) -> dict:
-        return {"path": str(self.path), "figures": {k: str(v) for k, v in self.figures.items()},
-                "sections": self.sections, "notes": self.notes, "numbers": self.numbers,
-                "seconds": round(self.seconds, 3)}
+        return io.jsonable({"path": self.path, "figure_dir": self.figure_dir, "figures": self.figures,
+                            "sections": self.sections, "notes": self.notes, "numbers": self.numbers,
+                            "seconds": round(self.seconds, 3)})
+
+    def write_json(self, path: Union[str, Path]) -> Path:
+        """Write `to_dict()` as JSON through the one atomic writer (``report --json``)."""
+        return io.write_json(path, self.to_dict())
+
+
+def figure_dir_for(out_path: Union[str, Path], run_dir: Union[str, Path]) -> Path:
+    """Where a report's PNGs go: RUN/figures for the default RUN/report.html, else <stem>_figures beside it."""
+    out_path, run_dir = Path(out_path), Path(run_dir)
+    if out_path.resolve() == (run_dir / DEFAULT_NAME).resolve():
+        return run_dir / FIGURES
+    return out_path.with_name(out_path.stem + "_" + FIGURES)
 
 
 class _Page:
@@ -78,10 +111,11 @@ class _Page:
         return s
 
     def figure(self, s: Section, name: str, fig, caption: str = "") -> None:
-        from .plots import save_figure
-
+        if name not in FIGURE_NAMES:  # a bug here: stale-file removal must know every name
+            raise ValueError(f"report figure {name!r} is not listed in FIGURE_NAMES")
         path = self.fig_dir / f"{name}.png"
-        data = save_figure(fig, path)
+        data = figure_png(fig)
+        io.atomic_write(path, data)
         self.figures[name] = path
         b64 = base64.b64encode(data).decode("ascii")
         s.body.append(f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{b64}">'
@@ -152,25 +186,13 @@ def _flatten(d, prefix=""):
             yield key, v
 
 
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, (np.floating, np.integer, np.bool_)):
-        return obj.item()
-    return obj
-
-
 # --- entry point ------------------------------------------------------------------------------
 
 def build_report(run_dir: Union[str, Path], data: Union[Dataset, np.ndarray, None] = None,
                  out_path: Union[str, Path, None] = None, compare_runs: Optional[Sequence[Union[str, Path]]] = None,
                  seed: int = 0, max_points: int = 2000, dims: Optional[Sequence[int]] = None,
                  n_ellipses: int = 15, n_cloud: int = 4, cloud_samples: int = 500, evaluate: bool = True,
-                 log: Optional[Callable[[str], None]] = None) -> Report:
+                 log: Optional[Callable[[str], None]] = None, overwrite: bool = False) -> Report:
     """Write the HTML report of a run and its figures.
 
     Parameters
@@ -178,89 +200,118 @@ def build_report(run_dir: Union[str, Path], data: Union[Dataset, np.ndarray, Non
     run_dir : a run directory written by ``vaelens train`` or `VAE.save`
     data : Dataset or ndarray of shape (n, p), optional
         The samples to show, in data units; default the run's own training data.
-    out_path : default ``RUN/report.html``
+    out_path : default ``RUN/report.html``; an existing file is replaced
     compare_runs : run directories trained on the same data (other seeds) for the agreement heatmap
-    seed : seeds the subsample, the samples chosen for ellipses and point clouds, and every draw
+    seed : seeds the subsample, the binarization of a binarized run's data (`VAE.model_input`),
+        the samples chosen for ellipses and point clouds, and every draw
     max_points : data sets larger than this are subsampled (seeded) for every figure
     dims : the two latent dimensions of the latent map (default the two most active)
     n_ellipses : samples of the latent map that get their 1- and 2-sigma ellipses
     n_cloud, cloud_samples : samples in the point-cloud check and z draws for each
     evaluate : compute the evaluation metrics (IWAE with a small K on a subset)
     log : called with a line per step (progress for the CLI)
+    overwrite : also remove figures of an earlier report from the figure folder that this report
+        does not write (``report --force``); without it they are kept, and a note says so
 
     Returns
     -------
     Report
     """
-    from . import checkpoint as ck
-    from . import data as data_mod
-    from .api import VAE
-    from .evaluate import ACTIVE_THRESHOLD, active_units
-
     t0 = time.perf_counter()
     say = log or (lambda _m: None)
     run_dir = Path(run_dir)
     vae = VAE.load(run_dir)
-    cfg = vae.config_
-    d = cfg.model.latent_dim
+    d = vae.latent_dim_
     if dims is not None and (len(dims) != 2 or not all(0 <= j < d for j in dims) or dims[0] == dims[1]):
         raise VaelensError(f"latent map dims must be two different dimensions in 0..{d - 1}, got {tuple(dims)}")
-    ds = _dataset(data, cfg, data_mod)
     out_path = Path(out_path) if out_path is not None else run_dir / DEFAULT_NAME
-    fig_dir = run_dir / FIGURES
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    notes: List[str] = []
-    if ds.n > max_points:
-        idx = np.sort(rng.choice(ds.n, max_points, replace=False))
-        notes.append(f"The data set has {ds.n} samples; every figure uses a random subsample of {max_points} "
-                     f"(seed {seed}).")
-        ds = ds.subset(idx)
+    fig_dir = figure_dir_for(out_path, run_dir)
+    # before any work: an unwritable page or figure folder is one line, not a traceback at the end
+    io.check_writable(out_path, force=True, what="report")
+    io.check_writable(fig_dir, folder=True, what="figure folder")
+    ds, raw_X, notes = _shown_data(vae, data, seed, max_points)
+    _make_folder(fig_dir)
     say(f"encoding {ds.n} samples")
-    post = vae.encode(ds.X)
+    post = vae.encode(ds.X, seed=seed)
     mu, sigma = post.mu, post.sigma                                          # (n, d)
     n_active, activity = active_units(mu)                                    # activity (d,) = Var_x mu
     order = np.argsort(-activity, kind="stable")
     numbers: dict = {"n_points": ds.n, "latent_dim": d, "activity": activity, "active_units": n_active,
-                     "active_threshold": ACTIVE_THRESHOLD, "seed": seed}
+                     "active_threshold": ACTIVE_THRESHOLD, "seed": seed, "binarized": vae.binarized_}
     page = _Page(fig_dir)
-    history = ck.read_metrics(run_dir)
-    summary = ck.read_summary(run_dir)
+    rng = np.random.default_rng(seed)
 
-    _section_run(page, run_dir, cfg, ds, history, summary, vae, evaluate, seed, numbers, say)
+    _section_run(page, run_dir, vae, ds, evaluate, seed, numbers, say)
     if ds.image_shape is not None:
         _section_images(page, vae, ds, mu, activity, order, rng, seed, numbers, say)
     else:
         _section_table(page, vae, ds, seed, say)
     _section_latent_map(page, ds, mu, sigma, activity, order, dims, n_ellipses, rng, numbers, say)
     _section_point_cloud(page, vae, ds, mu, order, n_cloud, cloud_samples, rng, seed, numbers, say)
-    _section_aggregate(page, mu, sigma, activity, numbers, say)
-    _section_compare(page, run_dir, vae, ds, compare_runs, numbers, say)
+    _section_aggregate(page, mu, sigma, numbers, say)
+    _section_compare(page, run_dir, (mu, sigma), raw_X, compare_runs, seed, numbers, say)
+    notes += _tidy_figures(fig_dir, page.figures, overwrite)
 
     header = [f'<p class="muted">run <code>{html.escape(str(run_dir))}</code> · data '
               f'{html.escape(ds.name or "(array)")} · {ds.n} samples shown · '
               f'written {time.strftime("%Y-%m-%d %H:%M:%S")}</p>']
     header += [f'<p class="note">{html.escape(n)}</p>' for n in notes]
-    text = page.render(f"vaelens report: {run_dir.name}", header)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    ck.atomic_write_text(out_path, text)
-    # atomic writes create private files; a report is meant to be opened and shared like any other page
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(out_path, 0o666 & ~umask)
-    return Report(path=out_path, figures=dict(page.figures),
-                  sections={s.id: s.skipped for s in page.sections}, notes=notes,
-                  numbers=_jsonable(numbers), seconds=time.perf_counter() - t0)
+    _make_folder(out_path.parent)
+    io.atomic_write(out_path, page.render(f"vaelens report: {run_dir.name}", header))
+    return Report(path=out_path, figures=dict(page.figures), sections={s.id: s.skipped for s in page.sections},
+                  notes=notes, numbers=io.jsonable(numbers), seconds=time.perf_counter() - t0, figure_dir=fig_dir)
 
 
-def _dataset(data, cfg, data_mod) -> Dataset:
+def _make_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{folder}: cannot create the folder ({e.strerror or e})") from None
+
+
+def _shown_data(vae, data, seed: int, max_points: int):
+    """The samples the page shows (a seeded subsample of large sets), binarized once for a binarized run.
+
+    Returns (dataset, the same rows before binarization, notes for the page).
+    """
+    ds = _dataset(data, vae.config_)
+    notes: List[str] = []
+    if ds.n > max_points:
+        idx = np.sort(np.random.default_rng(seed).choice(ds.n, max_points, replace=False))
+        notes.append(f"The data set has {ds.n} samples; every figure uses a random subsample of {max_points} "
+                     f"(seed {seed}).")
+        ds = ds.subset(idx)
+    raw_X = ds.X
+    if vae.binarized_:
+        # One binarization for the whole page: every later call gets these bits back unchanged.
+        ds = dataclasses.replace(ds, X=vae.binarize_input(ds.X, seed))
+        notes.append(f"This run was trained on binarized images: the samples shown and every number are one "
+                     f"binarization of them with seed {seed}, as vaelens evaluate --seed {seed} uses.")
+    return ds, raw_X, notes
+
+
+def _tidy_figures(fig_dir: Path, written: Dict[str, Path], overwrite: bool) -> List[str]:
+    """Remove (with `overwrite`) or report the figures of an earlier report that this one did not write."""
+    stale = [fig_dir / f"{n}.png" for n in FIGURE_NAMES if n not in written and (fig_dir / f"{n}.png").exists()]
+    if not stale:
+        return []
+    if not overwrite:
+        return [f"{fig_dir} also holds {len(stale)} figure(s) of an earlier report "
+                f"({', '.join(p.name for p in stale)}); write with --force (overwrite=True) to remove them."]
+    for p in stale:
+        try:
+            p.unlink()
+        except OSError as e:
+            raise OutputError(f"{p}: cannot remove this figure of an earlier report ({e.strerror or e})") from None
+    return []
+
+
+def _dataset(data, cfg) -> Dataset:
     if isinstance(data, Dataset):
         ds = data
     elif data is not None:
-        arr = np.asarray(data, dtype=np.float32)
-        if arr.ndim != 2:
-            raise DataError(f"report data: expected a 2-D array (samples, features), got shape {arr.shape}")
-        ds = Dataset(X=arr, name="array")
+        ds = as_dataset(data, "report data")
+        ds.name = "array"
     elif cfg.data.name == "array":
         raise DataError("this run was trained on an in-memory array, so its data cannot be reloaded; "
                         "pass the data (report --data FILE, or build_report(run, data=X))")
@@ -276,10 +327,10 @@ def _dataset(data, cfg, data_mod) -> Dataset:
 
 # --- sections ---------------------------------------------------------------------------------
 
-def _section_run(page, run_dir, cfg, ds, history, summary, vae, evaluate, seed, numbers, say):
-    from .plots import training_curves_figure
-
+def _section_run(page, run_dir, vae, ds, evaluate, seed, numbers, say):
     s = page.section("run", "The run")
+    cfg = vae.config_
+    history, summary = ck.read_metrics(run_dir), ck.read_summary(run_dir)
     m, t = cfg.model, cfg.train
     rows = [("data", f"{ds.name or '(array)'}: {ds.n} samples shown, {ds.p} features"
              + (f", images {ds.image_shape[0]}x{ds.image_shape[1]}" if ds.image_shape else "")
@@ -310,25 +361,18 @@ def _section_run(page, run_dir, cfg, ds, history, summary, vae, evaluate, seed, 
     if not evaluate:
         s.body.append('<p class="muted">not computed (evaluation turned off)</p>')
         return
-    try:
-        from .evaluate import evaluate as _evaluate
-    except ImportError as e:
-        s.body.append(f'<p class="skipped">evaluation skipped: {html.escape(str(e))}</p>')
-        return
     say("evaluating")
     n_eval = min(ds.n, EVAL_POINTS)
     idx = np.random.default_rng(seed).choice(ds.n, n_eval, replace=False) if ds.n > n_eval else np.arange(ds.n)
-    res = _evaluate(vae.module_, vae._tensor(ds.X[np.sort(idx)]), iw_samples=EVAL_IW_SAMPLES, seed=seed)
-    res = res.to_dict() if hasattr(res, "to_dict") else dict(res)
+    # the same call as `vaelens evaluate --seed`: for the same rows and seed, the same numbers
+    res = vae.evaluate(ds.X[np.sort(idx)], iw_samples=EVAL_IW_SAMPLES, seed=seed).to_dict()
     numbers["evaluation"] = res
     s.body.append(f'<p class="muted">on {n_eval} of the samples shown, IWAE with K = {EVAL_IW_SAMPLES} '
-                  f'(run <code>vaelens evaluate</code> for the full figures)</p>')
+                  f'(run <code>vaelens evaluate --seed {seed}</code> for the full figures)</p>')
     s.body.append(_table(list(_flatten(res)), ("metric", "value")))
 
 
 def _section_images(page, vae, ds, mu, activity, order, rng, seed, numbers, say):
-    from .plots import images_figure, interpolation_figure, reconstructions_figure, traversal_figure
-
     say("images")
     s = page.section("reconstructions", "Reconstructions, samples, traversals, interpolation")
     shape = ds.image_shape
@@ -336,7 +380,8 @@ def _section_images(page, vae, ds, mu, activity, order, rng, seed, numbers, say)
     idx = np.sort(rng.choice(ds.n, k, replace=False))
     s.body.append('<div class="flex">')
     page.figure(s, "reconstructions", reconstructions_figure(ds.X[idx], vae.decode(mu[idx]), shape),
-                f"{k} random samples (seed {seed}); reconstructions are decoder means, not draws")
+                f"{k} random samples (seed {seed}){', binarized' if numbers['binarized'] else ''}; "
+                f"reconstructions are decoder means, not draws")
     page.figure(s, "prior_samples", images_figure(vae.generate(64, seed=seed), shape, "decoded z ~ N(0, I)", 8),
                 "decoder means of 64 draws from the prior")
     s.body.append("</div>")
@@ -370,12 +415,10 @@ def _two_samples(ds, rng):
 
 
 def _section_table(page, vae, ds, seed, say):
-    from .plots import feature_reconstruction_figure, scatter_matrix_figure
-
     say("feature plots")
     s = page.section("features", "Reconstructions and samples, feature by feature")
     names = ds.feature_names or [f"x{j}" for j in range(ds.p)]
-    rec = vae.reconstruct(ds.X)
+    rec = vae.reconstruct(ds.X, seed=seed)
     page.figure(s, "feature_reconstruction", feature_reconstruction_figure(ds.X, rec, names),
                 "true against reconstructed value (decoder mean at z = mu(x)), in data units"
                 + (f"; first 12 of {ds.p} features" if ds.p > 12 else ""))
@@ -392,8 +435,6 @@ def _section_table(page, vae, ds, seed, say):
 
 
 def _section_latent_map(page, ds, mu, sigma, activity, order, dims, n_ellipses, rng, numbers, say):
-    from .plots import latent_map_figure
-
     s = page.section("latent-map", "The latent map")
     d = mu.shape[1]
     if dims is None:
@@ -414,19 +455,12 @@ def _section_latent_map(page, ds, mu, sigma, activity, order, dims, n_ellipses, 
 
 
 def _section_point_cloud(page, vae, ds, mu, order, n_cloud, cloud_samples, rng, seed, numbers, say):
-    from .plots import point_cloud_figure
-
     s = page.section("point-cloud", "Point clouds of a few samples")
-    try:
-        from .posterior import point_cloud_check
-    except ImportError as e:
-        s.skipped = f"vaelens.posterior is not available ({e})"
-        return
     d = mu.shape[1]
     idx = np.sort(rng.choice(ds.n, min(n_cloud, ds.n), replace=False))
     dims = (int(order[0]), int(order[1])) if d >= 2 else (0, 0)
     say("point clouds")
-    chk = point_cloud_check(vae.module_, vae._tensor(ds.X), idx, n_samples=cloud_samples, seed=seed, level=0.01)
+    chk = vae.check(ds.X, indices=idx, n_samples=cloud_samples, seed=seed, level=0.01)
     names = [f"sample {i}" + (f" (label {ds.y[i]})" if ds.y is not None else "") for i in idx]
     page.figure(s, "point_cloud", point_cloud_figure(chk.z, chk.mu, chk.sigma, chk.emp_mean, chk.emp_std, dims, names),
                 f"{chk.n_samples} reparameterized draws z = mu(x) + sigma(x)·eps for each of {len(idx)} samples "
@@ -445,15 +479,8 @@ def _section_point_cloud(page, vae, ds, mu, order, n_cloud, cloud_samples, rng, 
     numbers["point_cloud"] = chk.to_dict()
 
 
-def _section_aggregate(page, mu, sigma, activity, numbers, say):
-    from .plots import aggregate_posterior_figure, variance_split_figure
-
+def _section_aggregate(page, mu, sigma, numbers, say):
     s = page.section("aggregate", "The aggregate posterior against the prior")
-    try:
-        from .posterior import aggregate_posterior
-    except ImportError as e:
-        s.skipped = f"vaelens.posterior is not available ({e})"
-        return
     say("aggregate posterior")
     agg = aggregate_posterior(mu, sigma)
     page.figure(s, "variance_split", variance_split_figure(agg.between, agg.within),
@@ -471,30 +498,24 @@ def _section_aggregate(page, mu, sigma, activity, numbers, say):
     numbers["aggregate"] = agg.to_dict()
 
 
-def _section_compare(page, run_dir, vae, ds, compare_runs, numbers, say):
-    from .plots import heatmap_figure
-
+def _section_compare(page, run_dir, posterior, raw_X, compare_runs, seed, numbers, say):
+    """Agreement of this run's mu with other runs' on the same rows; `posterior` is this run's (mu, sigma)."""
     s = page.section("compare", "Agreement across seeds")
     if not compare_runs:
         s.skipped = "no other runs given (vaelens report RUN --compare RUN2 RUN3 ...)"
         return
-    try:
-        from .uniqueness import compare
-    except ImportError as e:
-        s.skipped = f"vaelens.uniqueness is not available ({e})"
-        return
-    from .api import VAE
-
     say("comparing runs")
     runs = [Path(run_dir)] + [Path(r) for r in compare_runs]
-    posts = [vae.encode(ds.X)] + [VAE.load(r).encode(ds.X) for r in runs[1:]]
+    # each run sees the rows through its own data path with the report's seed: binarized runs get the same bits
+    others = [VAE.load(r).encode(raw_X, seed=seed) for r in runs[1:]]
+    posts = [tuple(posterior)] + [(p.mu, p.sigma) for p in others]
     names = [r.name if r.name not in ("", ".") else str(r) for r in runs]
     k = len(runs)
     mcc = np.eye(k)
     pairs = []
     for a in range(k):
         for b in range(a + 1, k):
-            c = compare(posts[a].mu, posts[b].mu, posts[a].sigma, posts[b].sigma, seed=numbers.get("seed", 0))
+            c = compare(posts[a][0], posts[b][0], posts[a][1], posts[b][1], seed=seed)
             mcc[a, b] = mcc[b, a] = c.mcc_pearson
             pairs.append((f"{names[a]} vs {names[b]}", c))
     page.figure(s, "compare_runs", heatmap_figure(mcc, names, names, "mean matched |correlation| (MCC) of mu",

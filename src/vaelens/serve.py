@@ -26,6 +26,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+from torch.distributions import Normal, kl_divergence
 
 from .api import VAE
 from .data import Dataset
@@ -95,7 +96,9 @@ class Explorer:
     max_points : int
         Sets larger than this are shown on the map as a seeded subsample of this size.
     seed : int
-        Seed of that subsample.
+        Seed of that subsample and, for a binarized run, of the one binarization of the data that
+        every answer uses (`VAE.binarize_input`): the page shows the bits the model encodes, and a
+        sample's draws come from the same bits as its mu and sigma.
     """
 
     def __init__(self, vae: VAE, dataset: Dataset, max_points: int = MAX_MAP_POINTS, seed: int = 0):
@@ -103,8 +106,10 @@ class Explorer:
             raise VaelensError(f"max_points must be >= 1, got {max_points}")
         self.vae = vae
         self.dataset = dataset
-        self.d = int(vae.config_.model.latent_dim)
-        post = vae.encode(dataset.X)
+        self.d = vae.latent_dim_
+        # the data as the model sees them, once: binarized runs get the same bits in every answer
+        self.X = vae.binarize_input(dataset.X, seed)                            # (n, p), data units
+        post = vae.encode(self.X)
         self.mu, self.sigma = post.mu, post.sigma                               # (n, d) each
         n = dataset.n
         if n > max_points:
@@ -154,6 +159,7 @@ class Explorer:
             "label_names": names,
             "latent_dim": self.d,
             "likelihood": cfg.model.likelihood,
+            "binarized": self.vae.binarized_,
             "arch": cfg.model.arch,
             "hidden": list(cfg.model.hidden),
             "value_range": list(self.value_range),
@@ -182,7 +188,7 @@ class Explorer:
         return {
             "index": i,
             "label": None if ds.y is None else int(ds.y[i]),
-            "x": _js(ds.X[i]),
+            "x": _js(self.X[i]),
             "reconstruction": _js(recon),
             "mu": _js(self.mu[i]),
             "sigma": _js(self.sigma[i]),
@@ -215,7 +221,7 @@ class Explorer:
     def _stream(self, index: int, seed: int) -> np.ndarray:
         # One seed per (seed, sample), so different samples do not share their noise.
         s = int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
-        x = self.dataset.X[index:index + 1]
+        x = self.X[index:index + 1]
         return self.vae.sample_latent(x, MAX_DRAWS, seed=s)[:, 0, :].astype(np.float64)  # (MAX_DRAWS, d)
 
     def decode(self, z) -> dict:
@@ -237,9 +243,8 @@ class Explorer:
         """
         mu, sigma = self.mu.astype(np.float64), self.sigma.astype(np.float64)
         agg = aggregate_posterior(mu, sigma)
-        kl = torch.distributions.kl_divergence(
-            torch.distributions.Normal(torch.as_tensor(mu), torch.as_tensor(sigma)),
-            torch.distributions.Normal(0.0, 1.0)).mean(0).numpy()               # (d,)
+        prior = Normal(torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
+        kl = kl_divergence(Normal(torch.as_tensor(mu), torch.as_tensor(sigma)), prior).mean(0).numpy()  # (d,)
         # The mixture density on a grid, from a seeded subsample: 2000 components draw the
         # curve to well within a line's width.
         rows = np.arange(len(mu))
@@ -247,13 +252,11 @@ class Explorer:
             rows = np.random.default_rng(seed).choice(len(mu), DENSITY_SAMPLES, replace=False)
         lo = np.minimum(-4.0, np.quantile(mu - 3 * sigma, 0.005, axis=0))      # (d,)
         hi = np.maximum(4.0, np.quantile(mu + 3 * sigma, 0.995, axis=0))
-        grid = np.linspace(lo, hi, DENSITY_GRID)                               # (G, d)
-        dens = np.empty_like(grid)
-        for j in range(self.d):
-            m, s = mu[rows, j], sigma[rows, j]                                  # (m,)
-            u = (grid[:, j, None] - m) / s                                      # (G, m)
-            dens[:, j] = (np.exp(-0.5 * u ** 2) / (s * np.sqrt(2 * np.pi))).mean(1)
-        prior = np.exp(-0.5 * grid ** 2) / np.sqrt(2 * np.pi)                  # (G, d)
+        grid = torch.as_tensor(np.linspace(lo, hi, DENSITY_GRID))              # (G, d)
+        components = Normal(torch.as_tensor(mu[rows]), torch.as_tensor(sigma[rows]))  # batch (m, d)
+        dens = torch.stack([components.log_prob(g).exp().mean(0) for g in grid])  # (G, d), one grid row at a time
+        prior_dens = prior.log_prob(grid).exp()                                 # (G, d)
+        grid, dens, prior_dens = grid.numpy(), dens.numpy(), prior_dens.numpy()
         return {
             "mean": _js(agg.mean),
             "between": _js(agg.between),
@@ -264,7 +267,7 @@ class Explorer:
             "kl": _js(kl),
             "grid": _js(grid.T),
             "density": _js(dens.T),
-            "prior": _js(prior.T),
+            "prior": _js(prior_dens.T),
         }
 
 
@@ -282,7 +285,8 @@ def create_app(vae: VAE, dataset: Dataset, *, max_points: int = MAX_MAP_POINTS, 
     dataset : Dataset
         The data shown on the map, in the run's own units.
     max_points, seed : int
-        Size and seed of the map's subsample for large sets.
+        Size and seed of the map's subsample for large sets; the seed also binarizes a binarized
+        run's data, once (``vaelens serve --seed``, as every command).
     allowed_hosts : list of str, optional
         Host headers accepted; the CLI passes the loopback names when bound to loopback,
         so that another web site cannot reach the API through DNS rebinding.
@@ -292,36 +296,27 @@ def create_app(vae: VAE, dataset: Dataset, *, max_points: int = MAX_MAP_POINTS, 
     fastapi.FastAPI
     """
     require_deps()
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, Response
-    from pydantic import BaseModel, ConfigDict, Field
-    from starlette.exceptions import HTTPException
+    from fastapi import FastAPI
 
     explorer = Explorer(vae, dataset, max_points=max_points, seed=seed)
-    # Read once, from the package only: no request ever names a file.
-    pages = {name: (_static(name), ctype) for name, ctype in STATIC_FILES.items()}
-    d = explorer.d
-
     app = FastAPI(title="vaelens", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.explorer = explorer
     if allowed_hosts:
         from starlette.middleware.trustedhost import TrustedHostMiddleware
 
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
+    _add_error_handlers(app)
+    _add_pages(app)
+    _add_api(app, explorer)
+    return app
 
-    strict = ConfigDict(extra="forbid", strict=True)
 
-    class DrawRequest(BaseModel):
-        model_config = strict
-        index: int
-        n: int = 20
-        offset: int = 0
-        seed: int = Field(default=0, ge=0, le=2 ** 32 - 1)
-
-    class DecodeRequest(BaseModel):
-        model_config = strict
-        z: list[float] = Field(min_length=d, max_length=d)
+def _add_error_handlers(app) -> None:
+    """Every refusal answers ``{"error": "<one line>"}`` with its 4xx status."""
+    from fastapi import Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -339,6 +334,13 @@ def create_app(vae: VAE, dataset: Dataset, *, max_points: int = MAX_MAP_POINTS, 
     async def _data(request: Request, exc: DataError):
         return JSONResponse({"error": str(exc)}, status_code=422)
 
+
+def _add_pages(app) -> None:
+    """The page's static files, read once from the package only: no request ever names a file."""
+    from fastapi.responses import Response
+
+    pages = {name: (_static(name), ctype) for name, ctype in STATIC_FILES.items()}
+
     def page(name: str):
         body, ctype = pages[name]
         return Response(body, media_type=ctype, headers={"Cache-Control": "no-cache"})
@@ -352,6 +354,26 @@ def create_app(vae: VAE, dataset: Dataset, *, max_points: int = MAX_MAP_POINTS, 
         if name not in pages:
             raise ApiError(f"no such file: {name}", status=404)
         return page(name)
+
+
+def _add_api(app, explorer: Explorer) -> None:
+    """The JSON API (see the module docstring)."""
+    from fastapi.responses import JSONResponse, Response
+    from pydantic import BaseModel, ConfigDict, Field
+
+    strict = ConfigDict(extra="forbid", strict=True)
+    d = explorer.d
+
+    class DrawRequest(BaseModel):
+        model_config = strict
+        index: int
+        n: int = 20
+        offset: int = 0
+        seed: int = Field(default=0, ge=0, le=2 ** 32 - 1)
+
+    class DecodeRequest(BaseModel):
+        model_config = strict
+        z: list[float] = Field(min_length=d, max_length=d)
 
     # Answers are built as plain JSON types, so they skip FastAPI's per-value encoder (a few ms
     # for one MNIST image); the answers that never change are rendered once.
@@ -386,8 +408,6 @@ def create_app(vae: VAE, dataset: Dataset, *, max_points: int = MAX_MAP_POINTS, 
     @app.post("/api/decode")
     async def decode(req: DecodeRequest):
         return JSONResponse(explorer.decode(req.z))
-
-    return app
 
 
 def _describe(errors) -> str:
