@@ -297,7 +297,7 @@ class VAE(TransformerMixin, BaseEstimator):
         Xt = self._tensor(X, seed)
         self.module_.eval()
         with torch.inference_mode(), seeded(seed, Xt.device):
-            z = self.module_.encoder(Xt).rsample((n_samples,))               # (S, n, d)
+            z = self.module_.inference(Xt).rsample((n_samples,))               # (S, n, d)
         return z.cpu().numpy()
 
     def decode(self, Z: ArrayLike, mean: bool = True) -> np.ndarray:
@@ -311,7 +311,7 @@ class VAE(TransformerMixin, BaseEstimator):
             raise DataError("Z: contains NaN or infinite values")
         self.module_.eval()
         with torch.inference_mode():
-            px = self.module_.decoder(Zt)
+            px = self.module_.generative(Zt)
             out = px.mean if mean else px.sample()
         out = out.cpu().numpy()
         return data_mod.invert_transform(out, self.config_.transform) if self.config_.data.standardize else out
