@@ -218,7 +218,9 @@ def test_dynamic_binarization_draws_a_fresh_sample_every_epoch():
 
 
 def _fit_dyn(run_dir, sigint_at_step=None, resume=False):
-    cfg, X, _ = train.prepare(_dyn_cfg(), data.load_digits().subset(np.arange(160)))
+    # a cosine schedule too: the resumed run must continue the scheduler's state, lr 3e-3 (1 + cos(pi e / 3)) / 2
+    # (an exponential one would not tell: its chainable step needs only the optimizer's current lr)
+    cfg, X, _ = train.prepare(_dyn_cfg(schedule="cosine"), data.load_digits().subset(np.arange(160)))
     count = [0]
 
     def hook(opt, args, kwargs):
@@ -235,8 +237,9 @@ def _fit_dyn(run_dir, sigint_at_step=None, resume=False):
             h.remove()
 
 
-def test_dynamic_binarization_resumes_exactly(tmp_path):
-    # Shown to fail: fit binarizing with the epoch seed + 3 after a resume (the resumed epoch's draw changes).
+def test_dynamic_binarization_and_schedule_resume_exactly(tmp_path):
+    # Shown to fail: fit drawing the binarization from torch's global generator (the resumed epoch's draw
+    # changes); and _restore not loading the scheduler's state (the resumed run's cosine restarts its count).
     ref = _fit_dyn(tmp_path / "ref")
     cut = _fit_dyn(tmp_path / "cut", sigint_at_step=7)  # 5 steps an epoch: the middle of epoch 2
     assert cut.interrupted == "SIGINT"
@@ -247,6 +250,7 @@ def test_dynamic_binarization_resumes_exactly(tmp_path):
     a, b = load_file(tmp_path / "ref" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [r["train_loss"] for r in ref.history] == [r["train_loss"] for r in res.history]
+    assert [r["lr"] for r in res.history] == pytest.approx([3e-3, 2.25e-3, 0.75e-3], rel=1e-12)
 
 
 def test_seeds_make_one_run_per_seed_with_different_weights(tmp_path):
