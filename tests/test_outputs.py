@@ -206,10 +206,10 @@ def test_dynamic_binarization_draws_a_fresh_sample_every_epoch():
         h.remove()
     assert len(batches) == 3  # one step (all 96 rows) an epoch
     Xt = torch.as_tensor(X)
-    for b in batches:
+    for b in batches:  # binary pixels
         assert set(torch.unique(b).tolist()) <= {0.0, 1.0}
-    # sort each epoch's rows back into a common order by matching them to the grey images is impossible
-    # after binarization; compare the multiset of rows instead (sorted row-wise bytes): fresh draws differ
+    # each epoch shuffles the rows, so compare the epochs' batches as sets of rows (sorted row bytes):
+    # the same draw in another order would compare equal, fresh draws do not
     key = lambda b: sorted(map(bytes, b.to(torch.uint8).numpy()))
     assert key(batches[0]) != key(batches[1]) != key(batches[2]) and key(batches[0]) != key(batches[2])
     # each draw is Bernoulli(grey level): the 3 draws' pixel mean is near the grey levels' mean
