@@ -37,6 +37,12 @@ def test_sample_latent_is_the_reparameterized_cloud(fitted):
     post = vae.encode(ds.X[:3])
     # 4000 draws: the empirical mean is within 5 standard errors (sigma/sqrt(4000)) of mu
     assert (np.abs(z.mean(0) - post.mu) < 5 * post.sigma / np.sqrt(4000)).all()
+    # and the empirical std is sigma: its relative standard error is 1/sqrt(2 * 4000) = 1.1%, so 5 standard
+    # errors is 5.6% (12 numbers checked). Shown to fail: z = mu + 0.5 * sigma * eps (std off by 50%).
+    assert (np.abs(z.std(0) / post.sigma - 1) < 5 / np.sqrt(2 * 4000)).all(), z.std(0) / post.sigma
+    # the standardized draws are N(0, 1) together: no cross-row or cross-dimension structure in eps
+    eps = (z - post.mu) / post.sigma
+    assert abs(np.corrcoef(eps.reshape(4000, -1), rowvar=False)[np.triu_indices(12, 1)]).max() < 5 / np.sqrt(4000)
     assert np.array_equal(z, vae.sample_latent(ds.X[:3], n_samples=4000, seed=1))
 
 
