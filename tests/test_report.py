@@ -130,7 +130,8 @@ def test_digits_report(digits_copy, digits_run, tmp_path):
     _check_images(page, rep)
     assert {"training_curves", "reconstructions", "prior_samples", "traversals", "interpolation", "latent_map",
             "point_cloud", "variance_split", "aggregate_posterior", "compare_runs"} <= set(rep.figures)
-    assert all(p.parent == digits_copy / "figures" for p in rep.figures.values())
+    # --out elsewhere: the figures go beside it, not into the run (issue 16)
+    assert all(p.parent == rep.figure_dir == out.parent / "r_figures" for p in rep.figures.values())
     # 1500 digits > 400: a seeded subsample, and the page says so
     assert rep.numbers["n_points"] == 400
     assert "random subsample of 400" in text and "seed 0" in text
