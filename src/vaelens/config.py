@@ -34,9 +34,11 @@ def _opt(default: Any = None, help: str = "", *, choices: Optional[Tuple[str, ..
          flag: Optional[str] = "", role: str = "option", api: bool = True, metavar: Optional[str] = None) -> Any:
     """A config field with what the CLI and the API need to offer it (see `options`).
 
-    `flag` "" derives ``--field-name`` from the field's name; None keeps the field out of the
-    command line (config.json and the API only). `role` is "option" (a setting the user chooses),
-    "source" (where the data comes from) or "derived" (filled from the data; never user-set).
+    `help` is one line without the default (the CLI adds it from `default`). `flag` "" derives
+    ``--field-name`` from the field's name; None keeps the field out of the command line
+    (config.json and the API only). `role` is "option" (a setting the user chooses), "source"
+    (where the data comes from) or "derived" (filled from the data; never user-set). `api` False
+    keeps an option out of the estimator's parameters; `group` and `metavar` shape `--help`.
     """
     meta = {"help": help, "choices": choices, "group": group, "flag": flag, "role": role, "api": api,
             "metavar": metavar}

@@ -82,14 +82,19 @@ def dim_pair(text: str):
 
 # --- options generated from the config ---------------------------------------------------------
 
+def _shown(value) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def _default_text(opt: config.Option) -> str:
-    """"(default: 8)", with the data sets' own defaults where they differ; "" for unset options."""
-    shown = lambda v: ",".join(map(str, v)) if isinstance(v, tuple) else f"{v:g}" if isinstance(v, float) else v  # noqa: E731
-    per_set = [f"{name} {shown(over[opt.key])}" for name, over in config.DATASET_DEFAULTS.items()
+    """" (default: 8)", with the data sets' own defaults beside it; "" for an option unset by default."""
+    per_set = [f"{name} {_shown(over[opt.key])}" for name, over in config.DATASET_DEFAULTS.items()
                if opt.key in over]
     if opt.default is None or opt.default is False:
-        return f" (default: {'; '.join(per_set)})" if per_set else ""
-    return f" (default: {shown(opt.default)}{'; ' + ', '.join(per_set) if per_set else ''})"
+        return f" (default: {', '.join(per_set)})" if per_set else ""
+    return f" (default: {_shown(opt.default)}{'; ' + ', '.join(per_set) if per_set else ''})"
 
 
 def add_option(group, opt: config.Option) -> None:
