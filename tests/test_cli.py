@@ -230,7 +230,8 @@ def test_written_files_are_0644_under_umask_022(tmp_path, umask_022, capsys):
     run = tmp_path / "run"
     assert main(["train", "--limit", "60", "--epochs", "1", "--hidden", "8", "--latent-dim", "2", "--no-progress",
                  "--out", str(run)]) == 0
-    outs = [tmp_path / "o" / n for n in ("p.npz", "p.csv", "s.png", "s.npy", "e.json")]
+    # each in a folder that does not exist yet: created once the work is done
+    outs = [tmp_path / "o" / n for n in ("p.npz", "p.csv", "s.png", "s.npy")] + [tmp_path / "j" / "e.json"]
     assert main(["encode", str(run), "--out", str(outs[0])]) == 0
     assert main(["encode", str(run), "--out", str(outs[1])]) == 0
     assert main(["sample", str(run), "-n", "4", "--out", str(outs[2])]) == 0

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Iterable, Optional
 
-from ..io import write_json
+from ..io import prepare_output, write_json
 
 
 class Result:
@@ -38,7 +38,8 @@ def emit(result: Result, stream=None) -> None:
     for line in result.lines():
         print(line, file=out)
     if result.json_path is not None:
-        write_json(result.json_path, result.to_dict())
+        # checked before the work (commands._common.check_output); this creates its folder
+        write_json(prepare_output(result.json_path, force=True), result.to_dict())
         print(f"wrote {result.json_path}", file=out)
 
 
