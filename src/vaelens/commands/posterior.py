@@ -22,7 +22,8 @@ def add_parser(subparsers):
                     "Cov(mu(x)) (law of total variance). Per latent: Var(mu) between samples, E[sigma^2] within "
                     "a sample, each checked against a Monte Carlo sample of the mixture; and q(z)'s distance "
                     "from the prior N(0, I).",
-        epilog="examples:\n  vaelens posterior runs/digits-...\n  vaelens posterior RUN --draws 100000 --json agg.json\n")
+        epilog="examples:\n  vaelens posterior runs/digits-...\n"
+               "  vaelens posterior RUN --draws 100000 --json agg.json\n")
     common.add_run_args(p)
     p.add_argument("--limit", type=int, help="use only the first N samples")
     p.add_argument("--draws", type=int, default=50000, help="Monte Carlo draws from the mixture")

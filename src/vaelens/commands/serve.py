@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
-from pathlib import Path
 
 from .. import serve as serve_mod
 from ..errors import VaelensError
