@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from vaelens import data as data_mod
-from vaelens.cli import _int_list
+from vaelens.commands._common import int_list as _int_list
 from vaelens.config import ConfigError, DataConfig, ModelConfig, RunConfig, TrainConfig
 from vaelens.evaluate import evaluate, iwae_log_likelihood
 from vaelens.train import fit, prepare

@@ -2,11 +2,18 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from vaelens.cli import build_parser
+from vaelens import config
+from vaelens import io as vio
+from vaelens.api import VAE
+from vaelens.cli import build_parser, main
+from vaelens.commands import COMMANDS
+from vaelens.commands import _common
+from vaelens.errors import OutputError
 
 
 def run(*args, cwd=None, check_rc=None):
@@ -135,3 +142,154 @@ def test_table_training_end_to_end(tmp_path, table_data):
     run("sample", tmp_path / "r", "--out", tmp_path / "s.csv", "-n", "4", check_rc=0)
     vals = np.loadtxt(tmp_path / "s.csv", delimiter=",", skiprows=1)
     assert abs(vals.mean() - 5) < 3  # decoded in data units (the training mean is about 5), not standardized
+
+
+# --- outputs: checked before any work, written atomically with the umask's permissions ----------
+
+
+# (command, arguments before the output, the output flag, a file name): every output a command writes
+OUTPUTS = [
+    ("train", [], "--out", None),
+    ("encode", ["RUN"], "--out", "o.npz"),
+    ("sample", ["RUN"], "--out", "o.png"),
+    ("report", ["RUN"], "--out", "o.html"),
+    ("report", ["RUN"], "--json", "o.json"),
+    ("evaluate", ["RUN"], "--json", "o.json"),
+    ("check", ["RUN"], "--json", "o.json"),
+    ("posterior", ["RUN"], "--json", "o.json"),
+    ("symmetry", ["RUN"], "--json", "o.json"),
+    ("compare", ["RUN", "RUN"], "--json", "o.json"),
+]
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Loading a run or data set fails the test: an output check must come before both."""
+    def refuse(*a, **k):
+        raise AssertionError("expensive work started before the output was checked")
+
+    monkeypatch.setattr("vaelens.data.load", refuse)
+    monkeypatch.setattr(VAE, "load", refuse)
+
+
+def _bad_output(tmp_path, capsys, command, before, flag, name, out):
+    args = [str(tmp_path / "no-run") if a == "RUN" else a for a in before]
+    rc = main([command, *args, flag, str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith(f"vaelens {command}: error: {out}"), err
+    return err[0]
+
+
+@pytest.mark.parametrize("command, before, flag, name", OUTPUTS)
+def test_an_unusable_output_fails_before_any_work(tmp_path, capsys, no_work, command, before, flag, name):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    # a file where a folder should be
+    out = afile / (name or "run")
+    assert "is a file" in _bad_output(tmp_path, capsys, command, before, flag, name, out)
+    # a place nobody may write, root included (/proc); a read-only mount or a missing permission is
+    # found by the same probe (test_check_writable_probes_the_folder)
+    out = Path("/proc") / "vaelens-test" / (name or "run")
+    assert "cannot write in /proc" in _bad_output(tmp_path, capsys, command, before, flag, name, out)
+    # an existing file without --force; for train, an existing file where the run directory should be
+    out = afile if name is None else tmp_path / name
+    out.write_text("mine")
+    msg = _bad_output(tmp_path, capsys, command, before, flag, name, out)
+    assert ("is a file" if name is None else "already exists; pass --force") in msg
+    assert out.read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({"afile", out.name})  # nothing else created
+
+
+def test_every_output_writing_command_is_covered():
+    writers = {c for c, *_ in OUTPUTS}
+    assert writers | {"info", "serve"} == set(COMMANDS)  # info prints, serve serves
+
+
+def test_check_writable_probes_the_folder(tmp_path, monkeypatch):
+    import errno
+    import tempfile
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    with pytest.raises(OutputError, match="cannot write in .*Read-only file system"):
+        vio.check_writable(tmp_path / "deeper" / "o.json")
+    with pytest.raises(OutputError, match="Read-only file system"):
+        vio.check_writable(tmp_path / "run", folder=True)
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_written_files_are_0644_under_umask_022(tmp_path, umask_022, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--limit", "60", "--epochs", "1", "--hidden", "8", "--latent-dim", "2", "--no-progress",
+                 "--out", str(run)]) == 0
+    # each in a folder that does not exist yet: created once the work is done
+    outs = [tmp_path / "o" / n for n in ("p.npz", "p.csv", "s.png", "s.npy")] + [tmp_path / "j" / "e.json"]
+    assert main(["encode", str(run), "--out", str(outs[0])]) == 0
+    assert main(["encode", str(run), "--out", str(outs[1])]) == 0
+    assert main(["sample", str(run), "-n", "4", "--out", str(outs[2])]) == 0
+    assert main(["sample", str(run), "-n", "4", "--out", str(outs[3])]) == 0
+    assert main(["evaluate", str(run), "--limit", "5", "--iw-samples", "2", "--json", str(outs[4])]) == 0
+    capsys.readouterr()
+    files = [p for p in run.rglob("*") if p.is_file()] + outs
+    assert len(files) > len(outs) + 3
+    assert {p: oct(p.stat().st_mode & 0o777) for p in files} == {p: "0o644" for p in files}
+    assert not list(tmp_path.rglob("*.tmp"))
+    assert json.loads(outs[4].read_text())["n"] == 5
+
+
+def test_model_input_binarizes_a_binarized_run_once_with_the_seed():
+    from types import SimpleNamespace
+
+    from vaelens.data import binarize_static
+
+    X = np.random.default_rng(0).random((20, 6)).astype(np.float32)
+    run = lambda b: SimpleNamespace(config_=config.RunConfig(data=config.DataConfig(binarize=b)))  # noqa: E731
+    assert _common.model_input(run("none"), X, 3) is X
+    for b in ("static", "dynamic"):
+        np.testing.assert_array_equal(_common.model_input(run(b), X, 3), binarize_static(X, 3))
+
+
+# --- options generated from the config ---------------------------------------------------------
+
+def _train_parser():
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    return sub.choices["train"]
+
+
+def test_train_flags_are_generated_from_the_config():
+    p = _train_parser()
+    flags = {s for a in p._actions for s in a.option_strings}
+    for opt in config.options():
+        if opt.flag is not None:
+            assert opt.flag in flags
+            action = next(a for a in p._actions if opt.flag in a.option_strings)
+            assert action.dest == opt.name and action.default is None
+            assert opt.help in action.help
+            if opt.choices:
+                assert tuple(action.choices) == opt.choices
+    text = " ".join(p.format_help().split())
+    assert "--latent-dim D latent dimensions d (default: 8)" in text
+    assert "(default: 50; digits 200, mnist 50" in text and "(default: none; mnist dynamic)" in text
+
+
+def test_train_config_applies_the_data_sets_defaults_once():
+    p = _train_parser()
+    from vaelens.commands.train import train_config
+
+    cfg = train_config(p.parse_args([]))
+    assert (cfg.data.name, cfg.train.epochs, cfg.data.binarize) == ("digits", 200, "none")
+    cfg = train_config(p.parse_args(["--data", "mnist"]))
+    assert (cfg.train.epochs, cfg.data.binarize) == (50, "dynamic")
+    cfg = train_config(p.parse_args(["--data", "mnist", "--likelihood", "gaussian"]))
+    assert cfg.data.binarize == "none"  # mnist's binarization is for bernoulli models
+    cfg = train_config(p.parse_args(["--epochs", "3", "--iw-samples", "4", "--hidden", "none", "--bf16"]))
+    assert (cfg.train.epochs, cfg.train.objective, cfg.model.hidden, cfg.train.bf16) == (3, "iwae", (), True)
+    assert cfg.model == config.ModelConfig(hidden=())  # only what was given changed

@@ -8,7 +8,10 @@ values are rejected with the key's full dotted name.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional, Tuple
 
@@ -27,6 +30,21 @@ BINARIZE = ("none", "static", "dynamic")
 DEVICES = ("auto", "cpu", "cuda")
 
 
+def _opt(default: Any = None, help: str = "", *, choices: Optional[Tuple[str, ...]] = None, group: str = "",
+         flag: Optional[str] = "", role: str = "option", api: bool = True, metavar: Optional[str] = None) -> Any:
+    """A config field with what the CLI and the API need to offer it (see `options`).
+
+    `help` is one line without the default (the CLI adds it from `default`). `flag` "" derives
+    ``--field-name`` from the field's name; None keeps the field out of the command line
+    (config.json and the API only). `role` is "option" (a setting the user chooses), "source"
+    (where the data comes from) or "derived" (filled from the data; never user-set). `api` False
+    keeps an option out of the estimator's parameters; `group` and `metavar` shape `--help`.
+    """
+    meta = {"help": help, "choices": choices, "group": group, "flag": flag, "role": role, "api": api,
+            "metavar": metavar}
+    return field(default=default, metadata=meta)
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where the data comes from and how it is prepared.
@@ -35,19 +53,23 @@ class DataConfig:
     with `path` naming a .npy/.npz/.csv/.parquet file.
     """
 
-    name: str = "digits"
-    path: Optional[str] = None
-    data_dir: Optional[str] = None
-    key: Optional[str] = None  # array inside an .npz
-    columns: Optional[Tuple[str, ...]] = None  # feature columns of a table
-    label_column: Optional[str] = None
-    binarize: str = "none"
-    standardize: bool = False
-    val_fraction: float = 0.1
-    limit: Optional[int] = None  # use only the first `limit` training samples
+    name: str = _opt("digits", "built-in set, or 'file' with a path", flag=None, role="source")
+    path: Optional[str] = _opt(None, "the data file when name is 'file'", flag=None, role="source")
+    data_dir: Optional[str] = _opt(None, "folder with the MNIST/Fashion-MNIST IDX files (default $VAELENS_DATA_DIR "
+                                         "or ~/.cache/vaelens)", role="source")
+    key: Optional[str] = _opt(None, "array name inside an .npz file", role="source")
+    columns: Optional[Tuple[str, ...]] = _opt(None, "comma-separated feature columns of a table", role="source")
+    label_column: Optional[str] = _opt(None, "table column (or .npz key) with labels; kept out of the features",
+                                       role="source")
+    binarize: str = _opt("none", "image binarization", choices=BINARIZE, group="preprocessing")
+    standardize: bool = _opt(False, "standardize features (mean 0, std 1; saved in the run) for continuous data",
+                             group="preprocessing")
+    val_fraction: float = _opt(0.1, "share of the training data held out for validation", group="preprocessing")
+    limit: Optional[int] = _opt(None, "use only the first N training samples", group="preprocessing", api=False,
+                                metavar="N")
 
     def validate(self, prefix: str = "data") -> None:
-        _choice(f"{prefix}.binarize", self.binarize, BINARIZE)
+        _check_choices(self, prefix)
         if self.name == "file" and not self.path:
             raise ConfigError(f"{prefix}.path: data name 'file' needs a path")
         if not (0.0 <= self.val_fraction < 1.0):
@@ -60,17 +82,21 @@ class DataConfig:
 class ModelConfig:
     """Architecture and likelihood. `input_dim` and `image_shape` are filled from the data."""
 
-    latent_dim: int = 8
-    hidden: Tuple[int, ...] = (256, 128)
-    activation: str = "relu"
-    arch: str = "mlp"
-    likelihood: str = "bernoulli"
-    gaussian_scale: str = "per_feature"
-    fixed_scale: float = 1.0
-    sigma_floor: float = 1e-4
-    conv_channels: Tuple[int, ...] = (32, 64)
-    input_dim: Optional[int] = None
-    image_shape: Optional[Tuple[int, int]] = None
+    latent_dim: int = _opt(8, "latent dimensions d", group="model", metavar="D")
+    hidden: Tuple[int, ...] = _opt((256, 128), "hidden sizes, e.g. 256,128; 'none' for a linear model",
+                                   group="model", metavar="SIZES")
+    activation: str = _opt("relu", "hidden-layer activation", choices=ACTIVATIONS, group="model")
+    arch: str = _opt("mlp", "mlp, or conv for images", choices=ARCHS, group="model")
+    likelihood: str = _opt("bernoulli", "decoder distribution", choices=LIKELIHOODS, group="model")
+    gaussian_scale: str = _opt("per_feature", "gaussian decoder scale", choices=GAUSSIAN_SCALES, group="model")
+    fixed_scale: float = _opt(1.0, "gaussian scale when --gaussian-scale fixed", group="model")
+    sigma_floor: float = _opt(1e-4, "smallest encoder sigma", group="model")
+    # config.json and the API only: the channel count also fixes how often the image is halved
+    conv_channels: Tuple[int, ...] = _opt((32, 64), "channels of the conv encoder's layers", group="model",
+                                          flag=None)
+    input_dim: Optional[int] = _opt(None, "features per sample (from the data)", flag=None, role="derived")
+    image_shape: Optional[Tuple[int, int]] = _opt(None, "height and width of image data (from the data)",
+                                                  flag=None, role="derived")
 
     def validate(self, prefix: str = "model") -> None:
         _positive_int(f"{prefix}.latent_dim", self.latent_dim)
@@ -78,10 +104,7 @@ class ModelConfig:
             _positive_int(f"{prefix}.hidden[{i}]", h)
         for i, c in enumerate(self.conv_channels):
             _positive_int(f"{prefix}.conv_channels[{i}]", c)
-        _choice(f"{prefix}.activation", self.activation, ACTIVATIONS)
-        _choice(f"{prefix}.arch", self.arch, ARCHS)
-        _choice(f"{prefix}.likelihood", self.likelihood, LIKELIHOODS)
-        _choice(f"{prefix}.gaussian_scale", self.gaussian_scale, GAUSSIAN_SCALES)
+        _check_choices(self, prefix)
         if not self.fixed_scale > 0:
             raise ConfigError(f"{prefix}.fixed_scale must be > 0, got {self.fixed_scale}")
         if not self.sigma_floor >= 0:
@@ -104,24 +127,27 @@ class ModelConfig:
 class TrainConfig:
     """Optimisation, objective and stopping."""
 
-    epochs: int = 50
-    batch_size: int = 128
-    lr: float = 1e-3
-    optimizer: str = "adam"
-    weight_decay: float = 0.0
-    schedule: str = "constant"
-    lr_gamma: float = 0.98  # per-epoch decay for 'exponential'; factor for 'plateau'
-    grad_clip: Optional[float] = None
-    objective: str = "elbo"
-    iw_samples: int = 1  # K for the IWAE objective
-    dreg: bool = False  # doubly reparameterized encoder gradient for IWAE (Tucker et al. 2018)
-    beta: float = 1.0
-    warmup_epochs: int = 0  # linear KL warm-up from 0 to beta
-    free_bits: float = 0.0  # nats per latent dimension
-    patience: Optional[int] = None  # early stopping on validation loss
-    seed: int = 0
-    device: str = "auto"
-    bf16: bool = False
+    epochs: int = _opt(50, "epochs", group="training")
+    batch_size: int = _opt(128, "global batch size", group="training")
+    lr: float = _opt(1e-3, "learning rate", group="training")
+    optimizer: str = _opt("adam", "optimizer", choices=OPTIMIZERS, group="training")
+    weight_decay: float = _opt(0.0, "weight decay", group="training")
+    schedule: str = _opt("constant", "learning-rate schedule", choices=SCHEDULES, group="training")
+    lr_gamma: float = _opt(0.98, "decay factor for the exponential (per epoch) and plateau schedules",
+                           group="training")
+    grad_clip: Optional[float] = _opt(None, "clip the gradient norm to this value", group="training")
+    objective: str = _opt("elbo", "elbo, or iwae with --iw-samples K", choices=OBJECTIVES, group="training")
+    iw_samples: int = _opt(1, "K for the IWAE objective", group="training", metavar="K")
+    dreg: bool = _opt(False, "IWAE: doubly reparameterized encoder gradient (Tucker et al. 2018); same bound, "
+                             "lower-variance encoder updates", group="training")
+    beta: float = _opt(1.0, "KL weight", group="training")
+    warmup_epochs: int = _opt(0, "linear KL warm-up from 0 to beta over this many epochs", group="training")
+    free_bits: float = _opt(0.0, "free bits per latent dimension, in nats", group="training")
+    patience: Optional[int] = _opt(None, "early stopping after this many epochs without improvement",
+                                   group="training")
+    seed: int = _opt(0, "random seed", group="training")
+    device: str = _opt("auto", "auto picks cuda when available", choices=DEVICES, group="training")
+    bf16: bool = _opt(False, "bf16 autocast for training (CUDA, or a CPU with native bf16)", group="training")
 
     def validate(self, prefix: str = "train") -> None:
         _positive_int(f"{prefix}.epochs", self.epochs)
@@ -129,10 +155,7 @@ class TrainConfig:
         _positive_int(f"{prefix}.iw_samples", self.iw_samples)
         if not self.lr > 0:
             raise ConfigError(f"{prefix}.lr must be > 0, got {self.lr}")
-        _choice(f"{prefix}.optimizer", self.optimizer, OPTIMIZERS)
-        _choice(f"{prefix}.schedule", self.schedule, SCHEDULES)
-        _choice(f"{prefix}.objective", self.objective, OBJECTIVES)
-        _choice(f"{prefix}.device", self.device, DEVICES)
+        _check_choices(self, prefix)
         if self.beta < 0:
             raise ConfigError(f"{prefix}.beta must be >= 0, got {self.beta}")
         if self.warmup_epochs < 0:
@@ -219,7 +242,96 @@ class RunConfig:
         return cls.from_dict(d, source)
 
 
+# --- options: what a user can set, for the command line and the API ----------------------------
+
+# Defaults that depend on the built-in data set, applied where neither a flag nor a --config gave
+# the value. Keys are "section.field"; the help of each flag lists them beside the plain default.
+DATASET_DEFAULTS = {
+    "digits": {"train.epochs": 200},
+    "mnist": {"train.epochs": 50, "data.binarize": "dynamic"},
+    "fashion-mnist": {"train.epochs": 50},
+}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One field of a config section, as `options` describes it.
+
+    section : "data", "model" or "train" (the `RunConfig` attribute)
+    name : the field's name (and the keyword of `dataclasses.replace` / `RunConfig.replace`)
+    type : the resolved annotation, e.g. ``int``, ``Optional[float]``, ``Tuple[int, ...]``
+    default : the dataclass default (data-set defaults: `dataset_defaults`)
+    help : one line for a flag's help or a docstring's parameter list, without the default
+    choices : the allowed strings, or None
+    flag : the `vaelens train` flag, e.g. ``--latent-dim``; None: config.json and the API only
+    role : "option" (a setting), "source" (where the data comes from), "derived" (filled from the data)
+    api : whether the estimator should offer it as a parameter (False for data.limit: an estimator is
+        given its rows)
+    """
+
+    section: str
+    name: str
+    type: Any
+    default: Any
+    help: str
+    choices: Optional[Tuple[str, ...]]
+    flag: Optional[str]
+    role: str
+    api: bool
+    group: str = ""
+    metavar: Optional[str] = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.section}.{self.name}"
+
+
+def options(section: Optional[str] = None, role: Optional[str] = "option") -> Tuple[Option, ...]:
+    """The user-settable fields of the run configuration, in declaration order: the one source of
+    every option's type, default, help, choices and flag.
+
+    ``options()`` lists the settings (role "option") of the data, model and train sections;
+    ``options("model")`` one section; ``role=None`` every field, data source and derived ones too.
+    The `vaelens train` parser is generated from it, and the estimator's parameters can be:
+    ``{o.name: o.default for o in options() if o.api}``.
+    """
+    sections = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+    if section is not None and section not in sections:
+        raise ValueError(f"no config section {section!r}; sections are {', '.join(sections)}")
+    found = []
+    for sec, cls in sections.items():
+        if section is not None and sec != section:
+            continue
+        hints = _hints(cls)
+        for f in dataclasses.fields(cls):
+            m = f.metadata
+            if role is not None and m.get("role") != role:
+                continue
+            flag = m.get("flag")
+            found.append(Option(section=sec, name=f.name, type=hints[f.name], default=f.default,
+                                help=m.get("help", ""), choices=m.get("choices"),
+                                flag="--" + f.name.replace("_", "-") if flag == "" else flag,
+                                role=m.get("role", "option"), api=m.get("api", True), group=m.get("group", ""),
+                                metavar=m.get("metavar")))
+    return tuple(found)
+
+
+def dataset_defaults(name: Optional[str]) -> dict:
+    """{section: {field: value}} of the data set's own defaults (`DATASET_DEFAULTS`); {} for files."""
+    out: dict = {"data": {}, "model": {}, "train": {}}
+    for key, value in DATASET_DEFAULTS.get(name or "", {}).items():
+        sec, fname = key.split(".")
+        out[sec][fname] = value
+    return out
+
+
 # --- helpers -------------------------------------------------------------------------------
+
+def _check_choices(obj: Any, prefix: str) -> None:
+    for f in dataclasses.fields(obj):
+        if f.metadata.get("choices"):
+            _choice(f"{prefix}.{f.name}", getattr(obj, f.name), f.metadata["choices"])
+
 
 def _choice(key: str, value: Any, choices: Tuple[str, ...]) -> None:
     if value not in choices:
@@ -242,6 +354,12 @@ def _to_jsonable(obj: Any) -> Any:
 _SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "transform": Transform}
 
 
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> dict:
+    # the annotations are strings (`from __future__ import annotations`); this resolves them
+    return typing.get_type_hints(cls)
+
+
 def _from_dict(cls: type, d: Any, where: str) -> Any:
     if not isinstance(d, dict):
         raise ConfigError(f"{where}: expected a JSON object, got {type(d).__name__}")
@@ -249,47 +367,60 @@ def _from_dict(cls: type, d: Any, where: str) -> Any:
     unknown = sorted(set(d) - set(fields))
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known keys are {', '.join(fields)}")
+    hints = _hints(cls)
     kwargs = {}
     for name, value in d.items():
         key = f"{where}.{name}" if where != "config" else name
         if name in _SECTIONS and cls is RunConfig:
             kwargs[name] = None if value is None and name == "transform" else _from_dict(_SECTIONS[name], value, key)
             continue
-        kwargs[name] = _coerce(key, fields[name], value)
+        kwargs[name] = _coerce(key, hints[name], value)
     return cls(**kwargs)
 
 
-def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
-    """Check a JSON value against the field's annotation; lists become tuples."""
-    ann = str(f.type)
-    optional = ann.startswith("Optional[")
-    if value is None:
-        if optional:
+def _coerce(key: str, typ: Any, value: Any) -> Any:
+    """Check a JSON value against a resolved annotation; lists become tuples.
+
+    Handles ``X``, ``Optional[X]`` / ``X | None``, ``Tuple[X, ...]`` and fixed ``Tuple[X, Y]`` for
+    the scalar types bool, int, float and str.
+    """
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin is typing.Union or origin is types.UnionType:
+        inner = [a for a in args if a is not type(None)]
+        if value is None and len(inner) < len(args):
             return None
+        if len(inner) != 1:
+            raise ConfigError(f"{key}: unsupported field type {typ}")  # a bug in this module, not user input
+        return _coerce(key, inner[0], value)
+    if value is None:
         raise ConfigError(f"{key}: must not be null")
-    base = ann[len("Optional["):-1] if optional else ann
-    if base.startswith("Tuple["):
+    if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
-        elem = "str" if "str" in base else ("float" if "float" in base else "int")
-        return tuple(_scalar(f"{key}[{i}]", elem, v) for i, v in enumerate(value))
-    return _scalar(key, base, value)
+        if len(args) == 2 and args[1] is Ellipsis:
+            elems = [args[0]] * len(value)
+        else:
+            elems = list(args)
+            if len(value) != len(elems):
+                raise ConfigError(f"{key}: expected a list of {len(elems)}, got {len(value)} entries")
+        return tuple(_coerce(f"{key}[{i}]", t, v) for i, (t, v) in enumerate(zip(elems, value)))
+    return _scalar(key, typ, value)
 
 
-def _scalar(key: str, typ: str, value: Any) -> Any:
-    if typ == "bool":
+def _scalar(key: str, typ: Any, value: Any) -> Any:
+    if typ is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true or false, got {value!r}")
         return value
-    if typ == "int":
+    if typ is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
-    if typ == "float":
+    if typ is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
-    if typ == "str":
+    if typ is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value

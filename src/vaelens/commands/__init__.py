@@ -1,0 +1,15 @@
+"""The `vaelens` commands, one module each.
+
+Every module has ``NAME``, ``add_parser(subparsers)`` (returns its parser) and ``run(args)``
+(returns a `render.Result`: its text, its JSON form and its exit code). ``DISTRIBUTED = True``
+marks the commands whose work torchrun's ranks share; the others run on rank 0 alone. The CLI
+(`vaelens.cli`) registers them in this order, which is the order `vaelens --help` lists them in.
+"""
+
+from . import (check, compare, encode, evaluate, info, posterior, report, sample, serve, symmetry,
+               train)
+
+COMMANDS = {m.NAME: m for m in (train, encode, sample, info, report, evaluate, serve, check, posterior,
+                                symmetry, compare)}
+
+__all__ = ["COMMANDS"]

@@ -1,0 +1,99 @@
+"""`vaelens evaluate`: ELBO, IWAE log-likelihood, active units, I(x; z) and aggregate KL of a run."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .. import dist
+from ..config import DEVICES
+from ..errors import VaelensError
+from ..train import resolve_device
+from . import _common as common
+from .render import Result, se_cell
+
+NAME = "evaluate"
+DISTRIBUTED = True  # under torchrun the ranks share the log-likelihood rows; rank 0 reports
+
+_EPILOG = ("examples:\n  vaelens evaluate runs/digits-...\n"
+           "  vaelens evaluate runs/mnist-... --data-dir ~/data/mnist --iw-samples 5000 --json eval.json\n"
+           "  vaelens evaluate RUN --split train --limit 1000 --iw-samples 100\n"
+           "  torchrun --nproc_per_node=2 -m vaelens evaluate RUN   # log p(x) rows shared between 2 processes\n")
+
+
+def add_parser(subparsers):
+    p = common.add_parser(
+        subparsers, NAME, epilog=_EPILOG,
+        help="ELBO, IWAE log-likelihood, active units, mutual information and aggregate KL of a run",
+        description="Evaluate a run on its own test split (or --data): per-sample ELBO terms averaged, the "
+                    "importance-weighted estimate of log p(x) (Burda et al. 2016) in nats and bits per "
+                    "dimension, active units, I(x; z) and KL(q(z) || p(z)). Binarized runs are evaluated on "
+                    "one seeded binarization of the data.")
+    common.add_run_args(p, split="test")
+    p.add_argument("--iw-samples", type=int, default=5000, help="importance samples K for log p(x); 0 skips it")
+    p.add_argument("--limit", type=int, help="evaluate only the first N samples")
+    p.add_argument("--seed", type=int, default=0, help="seed for every random draw (and the binarization)")
+    p.add_argument("--batch-size", type=int, help="data points per IWAE decoder call (default: automatic)")
+    p.add_argument("--device", choices=DEVICES, default="cpu",
+                   help="where to compute; auto picks cuda when available")
+    p.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--per-sample", action="store_true", help="include per-sample values in the JSON")
+    p.add_argument("--force", action="store_true", help="overwrite an existing JSON file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+@dataclass
+class EvaluateResult(Result):
+    numbers: dict  # Evaluation.to_dict() with the run, data, split, seed and processes
+    json_path: Optional[Path] = None
+
+    def to_dict(self) -> dict:
+        return self.numbers
+
+    def lines(self):
+        r = self.numbers
+        out = [f"evaluate {r['run']} on {r['data']} {r['split']} ({r['n']} samples, {r['features']} features"
+               f"{', binarized once with seed %d' % r['seed'] if r['binarized'] else ''})"]
+        rows = [("ELBO", r["elbo"], r["elbo_se"], "nats"),
+                ("  reconstruction E_q[log p(x|z)]", r["rec"], None, "nats"),
+                ("  KL(q(z|x) || p(z))", r["kl"], None, "nats")]
+        if r["log_likelihood"] is not None:
+            rows += [(f"log p(x), IWAE k={r['iw_samples']}", r["log_likelihood"], r["log_likelihood_se"], "nats"),
+                     ("-log p(x) per dimension", r["bits_per_dim"], None, "bits/dim")]
+        rows += [("I(x; z)", r["mutual_information"], r["mutual_information_se"],
+                  f"nats (at most log n = {r['mutual_information_max']:.2f})"),
+                 ("KL(q(z) || p(z)), aggregate", r["aggregate_kl"], r["aggregate_kl_se"], "nats")]
+        out.append(f"  {'metric':34s} {'mean':>12s} {'± s.e.':>8s}")
+        out += [f"  {name:34s} {v:12.4f} {se_cell(se)}  {unit}" for name, v, se, unit in rows]
+        out.append(f"  {'active units':34s} {r['active_units']:>12d} {'':8s}  of {r['latent_dim']} "
+                   f"(Cov_x E_q[z_u] > {r['active_threshold']:g})")
+        out.append(f"  {'dim':>5s} {'KL':>10s} {'activity':>10s}")
+        out += [f"  {j:5d} {kl:10.4f} {act:10.4f}{'  active' if act > r['active_threshold'] else ''}"
+                for j, (kl, act) in enumerate(zip(r["kl_per_dim"], r["activity"]))]
+        return out
+
+
+def run(args) -> EvaluateResult:
+    if args.iw_samples < 0:
+        raise VaelensError(f"--iw-samples must be >= 0, got {args.iw_samples}")
+    common.check_limit(args.limit, minimum=1)
+    info = dist.env_info()
+    json_out = common.check_output(args.json, args.force) if info.is_main else None  # rank 0 alone writes
+    device = resolve_device(args.device)
+    if device.type == "cuda" and info.distributed:
+        device = torch.device("cuda", info.local_rank)
+    dist.setup(device)
+    vae, ds = common.load_run_and_data(args, device=str(device))
+    X = common.first_rows(ds.X, args.limit)
+    X = common.model_input(vae, X, args.seed)
+    ev = vae.evaluate(X, iw_samples=args.iw_samples, seed=args.seed, distributed=True,
+                      progress=not args.no_progress and sys.stderr.isatty(), batch_size=args.batch_size)
+    r = ev.to_dict(per_sample=args.per_sample)
+    r.update(run=str(args.run), data=ds.name, split=args.split, binarized=vae.config_.data.binarize != "none",
+             seed=args.seed, processes=info.world_size)
+    return EvaluateResult(r, json_out)

@@ -1,0 +1,228 @@
+"""`vaelens train`: train a VAE (or one per seed) and write run directories.
+
+The model, training and preprocessing flags are generated from the config dataclasses
+(`vaelens.config.options`): each field's help, choices and default are declared once, there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+from .. import checkpoint as ck
+from .. import config
+from .. import data as data_mod
+from .. import dist
+from ..api import VAE
+from ..config import RunConfig
+from ..errors import ConfigError, VaelensError
+from ..io import check_writable
+from ..report import Report, build_report
+from ..train import TrainResult, fit, prepare
+from . import _common as common
+from .render import Result
+
+NAME = "train"
+DISTRIBUTED = True  # every torchrun rank trains its share of each batch
+
+_EPILOG = """examples:
+  vaelens train                                  # digits, the built-in default
+  vaelens train --data mnist --data-dir ~/data/mnist --binarize dynamic --epochs 50
+  vaelens train --data table.csv --likelihood gaussian --standardize --label-column class
+  vaelens train --seeds 0,1,2 --out runs/seeds    # one run per seed, for `vaelens compare`
+  vaelens train --resume runs/digits-...         # continue a stopped run
+"""
+
+
+def add_parser(subparsers):
+    p = common.add_parser(subparsers, NAME, help="train a VAE and write a run directory", epilog=_EPILOG,
+                          description="Train a VAE. With no arguments: the built-in digits set.")
+    common.add_data_args(p)
+    groups = {name: p.add_argument_group(name) for name in ("preprocessing", "model", "training")}
+    common.add_options(p, groups=groups)
+    groups["training"].add_argument("--seeds", type=common.seed_list, help="train one run per seed, in OUT/seed-S")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", type=Path, help="run directory (default runs/<data>-<time>)")
+    g.add_argument("--config", type=Path, help="start from this config.json; flags override it")
+    g.add_argument("--resume", type=Path, metavar="RUN", help="continue the run in RUN from its newest checkpoint")
+    g.add_argument("--force", action="store_true", help="replace an existing run directory")
+    g.add_argument("--checkpoint-every", type=float, default=10.0, metavar="SECONDS",
+                   help="write a resumable checkpoint at the end of an epoch once this many seconds have passed "
+                        "since the last one (0: every epoch); SIGINT/SIGTERM always save one")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--report", action="store_true", help="write RUN/report.html (figures in RUN/figures) at the end")
+    return p
+
+
+# --- configuration ------------------------------------------------------------------------------
+
+def train_config(args) -> RunConfig:
+    """The run's config: --config (or the defaults, then the data set's own), then the flags."""
+    if args.config is not None:
+        if not args.config.exists():
+            raise ConfigError(f"{args.config}: no such config file")
+        cfg = RunConfig.from_json(args.config.read_text(), source=str(args.config))
+        # the model's size comes from the data again, so the config can be reused on other data
+        cfg = cfg.replace(model={"input_dim": None, "image_shape": None})
+        data = common.data_config(args, base=cfg.data)
+    else:
+        cfg = RunConfig()
+        data = common.data_config(args)
+    given = common.given_options(args)
+    if args.config is None:
+        for sec, values in config.dataset_defaults(data.name).items():
+            for k, v in values.items():
+                given[sec].setdefault(k, v)
+    if given["data"].get("binarize") == "dynamic" and given["model"].get("likelihood") == "gaussian" \
+            and args.binarize is None:
+        given["data"]["binarize"] = "none"  # mnist's default binarization does not apply to a gaussian model
+    if given["train"].get("iw_samples", 1) > 1 and "objective" not in given["train"]:
+        given["train"]["objective"] = "iwae"
+    cfg = cfg.replace(data=dataclasses.replace(data, **given["data"]), model=given["model"], train=given["train"])
+    cfg.data.validate()
+    cfg.train.validate()
+    return cfg
+
+
+def default_out(cfg: RunConfig) -> Path:
+    name = Path(cfg.data.path).stem if cfg.data.name == "file" else cfg.data.name
+    base = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out, i = base, 1
+    while out.exists():
+        out = Path(f"{base}-{i}")
+        i += 1
+    return out
+
+
+def check_run_dir(out: Path, force: bool) -> None:
+    """Refuse an --out that cannot become a run directory, before the data is loaded."""
+    check_writable(out, force=force, what="run directory", folder=True)
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise VaelensError(f"{out}: run directory already exists and is not empty; pass --force to replace "
+                               f"it, --resume {out} to continue it, or choose another --out")
+        if not (out / ck.CONFIG).exists():
+            raise VaelensError(f"{out}: exists and is not a vaelens run directory; refusing to delete it even "
+                               f"with --force")
+
+
+# --- the result ---------------------------------------------------------------------------------
+
+@dataclass
+class TrainedRun:
+    run_dir: Path
+    result: TrainResult
+    seconds: float
+    report: Optional[Report] = None
+
+    def to_dict(self) -> dict:
+        r = self.result
+        return {"run": str(self.run_dir), "epochs_run": r.epochs_run, "stopped_early": r.stopped_early,
+                "best_epoch": r.best_epoch, "best_val_loss": r.best_val_loss, "interrupted": r.interrupted,
+                "seconds": round(self.seconds, 3), "last_epoch": r.history[-1] if r.history else None,
+                "report": None if self.report is None else str(self.report.path)}
+
+    def lines(self) -> List[str]:
+        r = self.result
+        if r.interrupted:
+            return [f"stopped by {r.interrupted} at epoch {r.epochs_run + 1}; checkpoint saved. "
+                    f"Continue with: vaelens train --resume {self.run_dir}"]
+        last = r.history[-1] if r.history else {}
+        out = [f"run: {self.run_dir}",
+               f"  epochs {r.epochs_run}{' (early stop)' if r.stopped_early else ''}, "
+               f"{self.seconds:.1f} s; best epoch {r.best_epoch}"]
+        if last:
+            out.append(f"  train -ELBO {last['train_loss']:.3f} (rec {-last['train_rec']:.3f}, "
+                       f"KL {last['train_kl']:.3f})"
+                       + (f"; validation -ELBO {last['val_loss']:.3f}" if "val_loss" in last else ""))
+            out.append(f"  best {'validation' if 'val_loss' in last else 'training'} -ELBO "
+                       f"{r.best_val_loss:.3f} nats")
+        if self.report is not None:
+            rep = self.report
+            out.append(f"  report {rep.path} ({len(rep.figures)} figures in {self.run_dir / 'figures'}, "
+                       f"{rep.seconds:.1f} s)")
+        return out
+
+
+@dataclass
+class TrainOutcome(Result):
+    runs: List[TrainedRun] = field(default_factory=list)
+
+    @property
+    def interrupted(self) -> Optional[str]:
+        return self.runs[-1].result.interrupted if self.runs else None
+
+    @property
+    def exit_code(self) -> int:
+        return {None: 0, "SIGINT": 130}.get(self.interrupted, 143)
+
+    def to_dict(self) -> dict:
+        return {"runs": [r.to_dict() for r in self.runs], "interrupted": self.interrupted}
+
+    def lines(self) -> List[str]:
+        return [line for r in self.runs for line in r.lines()]
+
+
+# --- running ------------------------------------------------------------------------------------
+
+def _plan(args, info):
+    """[(run_dir, cfg)], the training data, {0: prepared data of the first run} and whether resuming."""
+    if args.resume is not None:
+        run_dir = args.resume
+        cfg = ck.load_config(run_dir)
+        check_writable(run_dir, folder=True)
+        if args.epochs is not None:
+            cfg = cfg.replace(train={"epochs": args.epochs})
+        ds = data_mod.load(cfg.data, "train")
+        # the run's transform and sizes are kept, so resumed data is prepared exactly as before
+        cfg, X, X_val = prepare(cfg, ds)
+        if info.is_main:
+            ck.save_config(run_dir, cfg)
+        return [(run_dir, cfg)], ds, {0: (cfg, X, X_val)}, True
+    cfg = train_config(args)
+    out = args.out if args.out is not None else default_out(cfg)
+    check_run_dir(out, args.force)
+    seeds = args.seeds or (cfg.train.seed,)
+    runs = [(out / f"seed-{s}" if args.seeds else out, cfg.replace(train={"seed": s})) for s in seeds]
+    ds = data_mod.load(cfg.data, "train")
+    # bad data fails here, before an existing run directory is replaced with --force
+    prepared = {0: prepare(runs[0][1], ds)}
+    if info.is_main and out.exists() and any(out.iterdir()):
+        shutil.rmtree(out)  # check_run_dir allowed it: --force, and a vaelens run directory
+    return runs, ds, prepared, False
+
+
+def _warn(message, *_args, **_kw) -> None:
+    # e.g. "skipped damaged checkpoint(s)" on --resume: one readable line, not a source location
+    print(f"vaelens train: warning: {message}", file=sys.stderr)
+
+
+def run(args) -> TrainOutcome:
+    info = dist.env_info()
+    runs, ds, prepared, resume = _plan(args, info)
+    if not resume and info.is_main:
+        shape = f", images {'x'.join(map(str, ds.image_shape))}" if ds.image_shape else ""
+        print(f"data: {ds.name} ({ds.n} samples, {ds.p} features{shape})", flush=True)
+    outcome = TrainOutcome()
+    for i, (run_dir, rcfg) in enumerate(runs):
+        rcfg, X, X_val = prepared.pop(i) if i in prepared else prepare(rcfg, ds)
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.showwarning = _warn
+            result = fit(rcfg, X, X_val, run_dir=run_dir, resume=resume,
+                         progress=False if args.no_progress else None, handle_signals=True,
+                         checkpoint_interval_s=args.checkpoint_every)
+        done = TrainedRun(run_dir, result, time.perf_counter() - t0)
+        outcome.runs.append(done)
+        if result.interrupted:
+            break
+        if args.report and info.is_main:
+            vae = VAE.load(run_dir)
+            done.report = build_report(run_dir, common.model_dataset(vae, ds, seed=0))
+    return outcome
