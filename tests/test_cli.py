@@ -12,7 +12,6 @@ from vaelens import io as vio
 from vaelens.api import VAE
 from vaelens.cli import build_parser, main
 from vaelens.commands import COMMANDS
-from vaelens.commands import _common
 from vaelens.errors import OutputError
 
 
@@ -243,18 +242,6 @@ def test_written_files_are_0644_under_umask_022(tmp_path, umask_022, capsys):
     assert {p: oct(p.stat().st_mode & 0o777) for p in files} == {p: "0o644" for p in files}
     assert not list(tmp_path.rglob("*.tmp"))
     assert json.loads(outs[4].read_text())["n"] == 5
-
-
-def test_model_input_binarizes_a_binarized_run_once_with_the_seed():
-    from types import SimpleNamespace
-
-    from vaelens.data import binarize_static
-
-    X = np.random.default_rng(0).random((20, 6)).astype(np.float32)
-    run = lambda b: SimpleNamespace(config_=config.RunConfig(data=config.DataConfig(binarize=b)))  # noqa: E731
-    assert _common.model_input(run("none"), X, 3) is X
-    for b in ("static", "dynamic"):
-        np.testing.assert_array_equal(_common.model_input(run(b), X, 3), binarize_static(X, 3))
 
 
 # --- options generated from the config ---------------------------------------------------------

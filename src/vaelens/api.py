@@ -22,7 +22,7 @@ from sklearn.base import BaseEstimator, TransformerMixin
 
 from . import checkpoint as ck
 from . import data as data_mod
-from .config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from .config import DataConfig, ModelConfig, RunConfig, TrainConfig, options
 from .data import Dataset
 from .errors import ConfigError, DataError, VaelensError
 from .evaluate import Evaluation
@@ -61,15 +61,11 @@ class Posterior:
 
 
 # --- the estimator's parameters --------------------------------------------------------------
-# Every user-settable option of the config sections is a parameter of `VAE.__init__`, with the
-# section's own default: defaults are written once, in vaelens.config. Fields filled from the data
-# (input_dim, image_shape) and the data-source fields (name, path, key ...) are not parameters.
-_DATA_PARAMS = ("binarize", "standardize", "val_fraction")
-_SECTIONS = {
-    "model": [f for f in dataclasses.fields(ModelConfig) if f.name not in ("input_dim", "image_shape")],
-    "train": list(dataclasses.fields(TrainConfig)),
-    "data": [f for f in dataclasses.fields(DataConfig) if f.name in _DATA_PARAMS],
-}
+# Every user-settable option of the config (`config.options()`, the source the `vaelens train` flags
+# are generated from too) is a parameter of `VAE.__init__`, with the config's own default: defaults
+# are written once, in vaelens.config. Fields filled from the data (input_dim, image_shape) and the
+# data-source fields (name, path, key ...) are not parameters.
+_OPTIONS = tuple(o for o in options() if o.api)
 # Importance samples per row for `score_samples`/`score`: enough for a model-selection ranking at a
 # few milliseconds a row; `log_likelihood` takes k explicitly for reported figures.
 SCORE_K = 100
@@ -77,12 +73,10 @@ SCORE_K = 100
 
 def _signature() -> inspect.Signature:
     params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-    for fields in _SECTIONS.values():
-        for f in fields:
-            if f.default is dataclasses.MISSING:  # a bug in config.py, not user input
-                raise TypeError(f"config field {f.name} has no plain default")
-            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
-                                            annotation=f.type))
+    for o in _OPTIONS:
+        if o.default is dataclasses.MISSING:  # a bug in config.py, not user input
+            raise TypeError(f"config field {o.key} has no plain default")
+        params.append(inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, default=o.default, annotation=o.type))
     params.append(inspect.Parameter("score_k", inspect.Parameter.KEYWORD_ONLY, default=SCORE_K, annotation=int))
     return inspect.Signature(params)
 
@@ -148,8 +142,8 @@ class VAE(TransformerMixin, BaseEstimator):
     # --- configuration ---------------------------------------------------------------------
     def _run_config(self) -> RunConfig:
         """The run configuration the parameters describe (validated when `fit` prepares the data)."""
-        section = {name: {f.name: _plain(getattr(self, f.name)) for f in fields}
-                   for name, fields in _SECTIONS.items()}
+        section = {name: {o.name: _plain(getattr(self, o.name)) for o in _OPTIONS if o.section == name}
+                   for name in ("data", "model", "train")}
         return RunConfig(data=DataConfig(name="array", **section["data"]), model=ModelConfig(**section["model"]),
                          train=TrainConfig(**section["train"]))
 
@@ -157,7 +151,7 @@ class VAE(TransformerMixin, BaseEstimator):
     def from_config(cls, cfg: RunConfig, module: VAEModule) -> "VAE":
         """A fitted estimator for a run's config and trained module; its parameters are the run's."""
         values = {"model": cfg.model, "train": cfg.train, "data": cfg.data}
-        est = cls(**{f.name: getattr(values[name], f.name) for name, fields in _SECTIONS.items() for f in fields})
+        est = cls(**{o.name: getattr(values[o.section], o.name) for o in _OPTIONS})
         est.config_ = cfg
         est.module_ = module.eval()
         est.n_features_in_ = cfg.model.input_dim

@@ -194,22 +194,6 @@ def first_rows(X: np.ndarray, limit: Optional[int]) -> np.ndarray:
     return X if limit is None else X[:limit]
 
 
-def model_input(vae: VAE, X: np.ndarray, seed: int) -> np.ndarray:
-    """The rows X (in data units) as every command feeds them to the model: a binarized run's
-    input binarized once with `seed` (the model was trained on binary images, so its
-    probabilities of grey levels are not probabilities); otherwise X itself. Standardization is
-    the estimator's own business."""
-    if vae.config_.data.binarize != "none":
-        return data_mod.binarize_static(X, seed)
-    return X
-
-
-def model_dataset(vae: VAE, ds: data_mod.Dataset, seed: int) -> data_mod.Dataset:
-    """`model_input` for commands that hand a whole Dataset on (report, serve)."""
-    X = model_input(vae, ds.X, seed)
-    return ds if X is ds.X else dataclasses.replace(ds, X=X)
-
-
 def check_output(path: Optional[Path], force: bool, what: str = "output file") -> Optional[Path]:
     """`io.check_writable` for an optional output, before any expensive work."""
     return None if path is None else check_writable(path, force=force, what=what)

@@ -81,6 +81,5 @@ class CheckResult(Result):
 def run(args) -> CheckResult:
     json_out = common.check_output(args.json, args.force)
     vae, ds = common.load_run_and_data(args)
-    X = common.model_input(vae, ds.X, args.seed)
-    c = vae.check(X, indices=args.indices, n=args.n, n_samples=args.samples, level=args.level, seed=args.seed)
+    c = vae.check(ds.X, indices=args.indices, n=args.n, n_samples=args.samples, level=args.level, seed=args.seed)
     return CheckResult(c, {"run": str(args.run), "data": ds.name, "split": args.split}, args.level, json_out)

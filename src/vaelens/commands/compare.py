@@ -76,14 +76,14 @@ def run(args) -> CompareResult:
     json_out = common.check_output(args.json, args.force)
     args.run = args.runs[0]
     vae0, ds = common.load_run_and_data(args)
-    X = common.model_input(vae0, common.first_rows(ds.X, args.limit), args.seed)
-    posts = [vae0.encode(X)]
+    X = common.first_rows(ds.X, args.limit)
+    posts = [vae0.encode(X, seed=args.seed)]
     for run_dir in args.runs[1:]:
         v = VAE.load(run_dir)
         if v.n_features_in_ != vae0.n_features_in_:
             raise VaelensError(f"{run_dir}: expects {v.n_features_in_} features, {args.runs[0]} "
                                f"{vae0.n_features_in_}; compare runs trained on the same kind of data")
-        posts.append(v.encode(X))
+        posts.append(v.encode(X, seed=args.seed))
     pairs = [(a, b, compare(posts[a].mu, posts[b].mu, posts[a].sigma, posts[b].sigma, seed=args.seed))
              for a in range(len(posts)) for b in range(a + 1, len(posts))]
     return CompareResult(list(args.runs), {"data": ds.name, "split": args.split}, len(X), pairs, json_out)

@@ -56,8 +56,8 @@ def run(args) -> EncodeResult:
         common.require_pyarrow()
     common.check_output(args.out, args.force)
     vae, ds = common.load_run_and_data(args)
-    X = common.model_input(vae, ds.X, args.seed)
-    post = vae.encode(X)
+    X = ds.X
+    post = vae.encode(X, seed=args.seed)
     cols = {"index": np.arange(ds.n)}
     if ds.y is not None:
         cols["label"] = ds.y

@@ -90,10 +90,9 @@ def run(args) -> EvaluateResult:
     dist.setup(device)
     vae, ds = common.load_run_and_data(args, device=str(device))
     X = common.first_rows(ds.X, args.limit)
-    X = common.model_input(vae, X, args.seed)
     ev = vae.evaluate(X, iw_samples=args.iw_samples, seed=args.seed, distributed=True,
                       progress=not args.no_progress and sys.stderr.isatty(), batch_size=args.batch_size)
     r = ev.to_dict(per_sample=args.per_sample)
-    r.update(run=str(args.run), data=ds.name, split=args.split, binarized=vae.config_.data.binarize != "none",
+    r.update(run=str(args.run), data=ds.name, split=args.split, binarized=vae.binarized_,
              seed=args.seed, processes=info.world_size)
     return EvaluateResult(r, json_out)

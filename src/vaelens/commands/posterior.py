@@ -70,7 +70,7 @@ def run(args) -> PosteriorResult:
     common.check_limit(args.limit)
     json_out = common.check_output(args.json, args.force)
     vae, ds = common.load_run_and_data(args)
-    post = vae.encode(common.model_input(vae, common.first_rows(ds.X, args.limit), args.seed))
+    post = vae.encode(common.first_rows(ds.X, args.limit), seed=args.seed)
     agg = aggregate_posterior(post.mu, post.sigma)
     mc = aggregate_monte_carlo(post.mu, post.sigma, n_draws=args.draws, seed=args.seed)
     return PosteriorResult(agg, mc, {"run": str(args.run), "data": ds.name, "split": args.split}, json_out)

@@ -50,7 +50,7 @@ class ReportResult(Result):
     def lines(self):
         rep, num = self.report, self.report.numbers
         out = [f"wrote {rep.path} ({rep.path.stat().st_size / 1e6:.1f} MB, {rep.seconds:.1f} s); "
-               f"figures in {self.run / 'figures'}"]
+               f"figures in {self.report.figure_dir}"]
         out += [f"  note: {note}" for note in rep.notes]
         out.append(f"  {'section':<16} status")
         out += [f"  {sid:<16} {'skipped: ' + why if why else 'ok'}" for sid, why in rep.sections.items()]
@@ -77,6 +77,7 @@ def run(args) -> ReportResult:
     out = common.check_output(args.out if args.out is not None else args.run / "report.html", args.force, "report")
     json_out = common.check_output(args.json, args.force)
     vae, ds = common.load_run_and_data(args)
-    rep = build_report(args.run, common.model_dataset(vae, ds, args.seed), out, compare_runs=args.compare,
-                       seed=args.seed, max_points=args.max_points, dims=args.dims, evaluate=not args.no_eval)
+    rep = build_report(args.run, ds, out, compare_runs=args.compare,
+                       seed=args.seed, max_points=args.max_points, dims=args.dims, evaluate=not args.no_eval,
+                       overwrite=args.force)
     return ReportResult(rep, args.run, json_out)

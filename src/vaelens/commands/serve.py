@@ -77,7 +77,7 @@ def run(args) -> ServeResult:
         # On loopback only loopback Host headers are answered: a web page elsewhere cannot reach
         # the API through DNS rebinding.
         hosts = ["127.0.0.1", "localhost", "[::1]", "::1"] if args.host in _LOOPBACK else None
-        app = serve_mod.create_app(vae, common.model_dataset(vae, ds, args.seed), max_points=args.max_points,
+        app = serve_mod.create_app(vae, ds, max_points=args.max_points,
                                    seed=args.seed, allowed_hosts=hosts)
         port = sock.getsockname()[1]
         shown = f"[{args.host}]" if ":" in args.host else args.host

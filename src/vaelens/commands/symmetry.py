@@ -78,6 +78,6 @@ def run(args) -> SymmetryResult:
     common.check_limit(args.limit)
     json_out = common.check_output(args.json, args.force)
     vae, ds = common.load_run_and_data(args)
-    X = common.model_input(vae, common.first_rows(ds.X, args.limit), args.seed)
+    X = common.first_rows(ds.X, args.limit)
     r = vae.symmetry(X, seed=args.seed, n_rotations=args.rotations, n_samples=args.samples)
     return SymmetryResult(r, {"run": str(args.run), "data": ds.name, "split": args.split}, args.samples, json_out)

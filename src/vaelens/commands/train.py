@@ -19,7 +19,6 @@ from .. import checkpoint as ck
 from .. import config
 from .. import data as data_mod
 from .. import dist
-from ..api import VAE
 from ..config import RunConfig
 from ..errors import ConfigError, VaelensError
 from ..io import check_writable
@@ -223,6 +222,5 @@ def run(args) -> TrainOutcome:
         if result.interrupted:
             break
         if args.report and info.is_main:
-            vae = VAE.load(run_dir)
-            done.report = build_report(run_dir, common.model_dataset(vae, ds, seed=0))
+            done.report = build_report(run_dir, ds)
     return outcome
