@@ -174,7 +174,7 @@ class Draws:
     """S draws z = mu + sigma * eps for each of n samples, and what they give (see `VAEModule.draw`)."""
 
     qz: Normal                       # q(z|x), batch (n, d)
-    eps: torch.Tensor                # (S, n, d) standard-normal noise
+    eps: Optional[torch.Tensor]      # (S, n, d) the given standard-normal noise; None when drawn here
     z: torch.Tensor                  # (S, n, d)
     log_px: torch.Tensor             # (S, n): log p(x|z_s)
     log_w: Optional[torch.Tensor]    # (S, n): log p(x|z_s) + log p(z_s) - log q(z_s|x); None unless asked for
@@ -226,8 +226,8 @@ class VAEModule(nn.Module):
         x : tensor of shape (n, p)
         eps : tensor of shape (S, n, d), optional
             Given standard-normal noise (evaluation's per-row streams, a symmetry's mapped noise).
-            None draws S = `n_samples` from torch's global generator exactly as ``qz.rsample`` does,
-            so the training stream is the same draw for draw.
+            None draws S = `n_samples` with ``qz.rsample`` from torch's global generator (training's
+            stream, draw for draw).
         target : tensor of shape (n, p), optional
             What p(x|z) scores; default x.
         qz : Normal of batch (n, d), optional
@@ -244,12 +244,14 @@ class VAEModule(nn.Module):
             the generic log_prob's five. Equal up to float32 rounding; training keeps the generic
             arithmetic, so both paths keep their figures bit for bit. Needs the N(0, I) prior.
         """
+        if closed_form and eps is None:  # a bug in the caller, not user input
+            raise ValueError("draw(closed_form=True) computes log p(z) - log q(z|x) from eps: pass the noise")
         target = x if target is None else target
         qz = self.inference(x) if qz is None else qz                         # batch (n, d)
         if eps is None:
-            # the draw Normal.rsample makes, so that z is the same bits from the same generator state
-            eps = torch.empty((n_samples, *qz.batch_shape), dtype=qz.loc.dtype, device=qz.loc.device).normal_()
-        z = qz.loc + eps * qz.scale                                          # (S, n, d)
+            z = qz.rsample((n_samples,))                                     # (S, n, d): torch.distributions' own draw
+        else:
+            z = qz.loc + eps * qz.scale                                      # (S, n, d): the given noise mapped
         px = self.generative(z)                                              # batch (S, n, p)
         if closed_form and isinstance(px, Bernoulli):
             # log Bernoulli(x; sigmoid(l)) = x l - softplus(l), valid for any x in [0, 1]
