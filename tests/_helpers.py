@@ -1,5 +1,7 @@
 """Helpers shared by several test modules: a small training config on digits, and torchrun."""
 
+import contextlib
+import io
 import os
 import socket
 import subprocess
@@ -43,4 +45,36 @@ def torchrun(*args, nproc=2):
     cmd, env = torchrun_cmd(*args, nproc=nproc)
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
+    return p
+
+
+def cli(*args, cwd=None, check_rc=None, in_process=True) -> subprocess.CompletedProcess:
+    """`vaelens ARGS` with its exit status, stdout and stderr.
+
+    In-process by default (`vaelens.cli.main` with the standard streams captured): a fresh Python
+    with torch, scikit-learn and matplotlib costs 2-4 s of imports per call, which dozens of CLI
+    tests would pay again and again. `in_process=False` runs `python -m vaelens` for the tests whose
+    subject is the process itself (the entry point, signals, exit status seen by a shell).
+    """
+    args = [str(a) for a in args]
+    if not in_process:
+        p = subprocess.run([sys.executable, "-m", "vaelens", *args], capture_output=True, text=True, cwd=cwd,
+                           env=dict(os.environ, VAELENS_OFFLINE="1"), timeout=300)
+    else:
+        from vaelens.cli import main
+
+        out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
+        try:
+            if cwd is not None:
+                os.chdir(cwd)
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                try:
+                    rc = main(args)
+                except SystemExit as e:  # argparse's usage errors and --help
+                    rc = e.code if isinstance(e.code, int) else int(e.code is not None)
+        finally:
+            os.chdir(here)
+        p = subprocess.CompletedProcess(args, rc, out.getvalue(), err.getvalue())
+    if check_rc is not None:
+        assert p.returncode == check_rc, (p.returncode, p.stdout, p.stderr)
     return p

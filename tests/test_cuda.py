@@ -95,8 +95,8 @@ def test_evaluate_on_cuda_agrees_with_cpu():
 
 
 def _torchrun_train(out, nproc, epochs=3):
-    p = torchrun("train", "--device", "cuda", "--epochs", epochs, "--hidden", "64", "--latent-dim", "4",
-                 "--batch-size", "128", "--no-progress", "--out", out, nproc=nproc)
+    torchrun("train", "--device", "cuda", "--epochs", epochs, "--hidden", "64", "--latent-dim", "4",
+             "--batch-size", "128", "--no-progress", "--out", out, nproc=nproc)
     return json.loads((out / "summary.json").read_text())
 
 

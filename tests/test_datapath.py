@@ -6,14 +6,12 @@ same log-likelihood for the same rows.
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
+from _helpers import cli
 from vaelens import VAE, data
 from vaelens.errors import DataError
 from vaelens.report import EVAL_IW_SAMPLES, build_report
@@ -130,9 +128,7 @@ def test_report_log_likelihood_equals_evaluate(binarized_run, rows, tmp_path):
     assert other["log_likelihood"] != got["log_likelihood"]
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "vaelens", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, "VAELENS_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+_cli = cli  # in-process; see _helpers.cli
 
 
 def test_cli_report_and_evaluate_agree(binarized_run, rows, tmp_path):

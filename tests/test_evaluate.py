@@ -3,15 +3,13 @@ mutual information and aggregate KL, the API methods and `vaelens evaluate`."""
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from torch.distributions import MultivariateNormal
 
+from _helpers import cli
 from vaelens import evaluate as ev
 from vaelens.config import ModelConfig
 from vaelens.errors import DataError
@@ -237,16 +235,13 @@ def test_vae_api_log_likelihood_and_evaluate():
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("eval") / "run"
-    r = subprocess.run([sys.executable, "-m", "vaelens", "train", "--epochs", "2", "--limit", "200", "--hidden", "16",
-                        "--latent-dim", "3", "--out", str(out), "--no-progress"],
-                       capture_output=True, text=True, env=dict(os.environ, VAELENS_OFFLINE="1"))
+    r = cli("train", "--epochs", "2", "--limit", "200", "--hidden", "16", "--latent-dim", "3", "--out", out,
+            "--no-progress")
     assert r.returncode == 0, r.stderr
     return out
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "vaelens", *map(str, args)], capture_output=True, text=True,
-                          env=dict(os.environ, VAELENS_OFFLINE="1"))
+_cli = cli  # in-process; see _helpers.cli
 
 
 def test_cli_evaluate_prints_a_table_and_writes_json(digits_run, tmp_path):

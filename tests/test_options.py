@@ -18,7 +18,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch.distributions import Normal, kl_divergence
+from torch.distributions import Normal
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 

@@ -1,13 +1,12 @@
 """Point-cloud checks, the aggregate posterior, and the PPCA ground truth's closed forms."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from scipy import stats
 
+from _helpers import cli
 from vaelens.errors import DataError
 from vaelens.groundtruth import exact_posterior, orthogonal_loadings, ppca
 from vaelens.posterior import active_mask, aggregate_monte_carlo, aggregate_posterior, point_cloud_check
@@ -160,16 +159,13 @@ def test_ppca_with_oblique_loadings_has_a_full_posterior():
 
 def test_cli_check_and_posterior(digits_run, tmp_path):
     out = tmp_path / "check.json"
-    r = subprocess.run([sys.executable, "-m", "vaelens", "check", str(digits_run), "--n", "4", "--samples", "500",
-                        "--json", str(out)], capture_output=True, text=True)
+    r = cli("check", digits_run, "--n", "4", "--samples", "500", "--json", out)
     assert r.returncode == 0, r.stderr
     assert "verdict: PASS" in r.stdout and "KS" in r.stdout
     d = json.loads(out.read_text())
     assert d["passed"] is True and len(d["indices"]) == 4
-    r = subprocess.run([sys.executable, "-m", "vaelens", "posterior", str(digits_run), "--draws", "20000"],
-                       capture_output=True, text=True)
+    r = cli("posterior", digits_run, "--draws", "20000")
     assert r.returncode == 0, r.stderr
     assert "verdict: PASS" in r.stdout and "Var(mu)" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "vaelens", "check", str(digits_run), "--json", str(out)],
-                       capture_output=True, text=True)
+    r = cli("check", digits_run, "--json", out)
     assert r.returncode == 2 and "--force" in r.stderr and "Traceback" not in r.stderr

@@ -7,7 +7,6 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from _helpers import cli
 from vaelens import VAE
 from vaelens.errors import DataError, VaelensError
 from vaelens.report import build_report
@@ -193,9 +193,7 @@ def test_table_report(table_run, table_data, tmp_path):
     assert "subsample" not in rep.path.read_text()  # 600 samples fit under max_points
 
 
-def _cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "vaelens", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env={**__import__("os").environ, "VAELENS_OFFLINE": "1"})
+_cli = cli  # in-process; see _helpers.cli
 
 
 @pytest.fixture(scope="module")

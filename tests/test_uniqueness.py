@@ -1,13 +1,12 @@
 """Uniqueness of mu(x), sigma(x): batch invariance, latent symmetries, cross-seed comparison, PPCA ground truth."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
+from _helpers import cli
 from vaelens import VAE
 from vaelens.errors import ConfigError
 from vaelens.groundtruth import ppca
@@ -204,8 +203,7 @@ def test_equal_norms_retrainings_disagree_axis_by_axis(equal, distinct):
 
 # --- CLI ---------------------------------------------------------------------------------------
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "vaelens", *map(str, args)], capture_output=True, text=True)
+_cli = cli  # in-process; see _helpers.cli
 
 
 def test_cli_symmetry_and_compare(digits_run, tmp_path):
