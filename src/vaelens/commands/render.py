@@ -6,6 +6,7 @@ Every command returns a `Result`; `emit` is the one place that prints one and wr
 
 from __future__ import annotations
 
+import abc
 import math
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Iterable, Optional
 from ..io import prepare_output, write_json
 
 
-class Result:
+class Result(abc.ABC):
     """What a command produced.
 
     Subclasses give `to_dict` (the JSON form, also what --json writes) and `lines` (the text
@@ -25,8 +26,9 @@ class Result:
     exit_code: int = 0
     json_path: Optional[Path] = None
 
+    @abc.abstractmethod
     def to_dict(self) -> dict:
-        raise NotImplementedError
+        """The result as JSON-ready data."""
 
     def lines(self) -> Iterable[str]:
         return ()
