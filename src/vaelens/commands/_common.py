@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import types
 import typing
 from pathlib import Path
@@ -180,7 +181,14 @@ def load_run_and_data(args, device: str = "cpu"):
     """The run in args.run and the data the flags name (default: the run's own), --split of it."""
     vae = VAE.load(args.run, device=device)
     ds = data_mod.load(data_config(args, base=vae.config_.data), getattr(args, "split", "train"))
+    show_notes(ds)
     return vae, ds
+
+
+def show_notes(ds) -> None:
+    """What reading the data decided (columns left out, rows dropped, unseen labels), on stderr."""
+    for note in ds.notes:
+        print(f"note: {note}", file=sys.stderr, flush=True)
 
 
 def check_limit(limit: Optional[int], minimum: int = 2) -> None:
