@@ -516,6 +516,24 @@ def validate(X: np.ndarray, likelihood: str, where: str = "data", expected_featu
             )
 
 
+# --- what the figures are in ------------------------------------------------------------------
+
+def figure_space(cfg) -> str:
+    """The space a run's densities (ELBO, log p(x)) are in: the model's input, as `VAE.model_input` makes it."""
+    if cfg.data.binarize != "none":
+        return "binarized pixels (0/1)" if cfg.model.image_shape else "binarized values (0/1)"
+    if cfg.model.likelihood in ("bernoulli", "cbernoulli"):
+        return "grey levels in [0, 1]"
+    if cfg.data.standardize:
+        return "standardized units (the run's mean and std)"
+    return "data units"
+
+
+def log_jacobian(t: Optional[Transform]) -> float:
+    """log p(x) in data units minus log p(x) in standardized units: -sum(log std) of the transform."""
+    return 0.0 if t is None or not t.std else -float(np.sum(np.log(np.asarray(t.std, np.float64))))
+
+
 # --- splits and transforms --------------------------------------------------------------------
 
 def train_val_split(n: int, val_fraction: float, seed: int):

@@ -149,11 +149,12 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
             add_option(g, opt)
 
 
-def add_run_args(p: argparse.ArgumentParser, split: str = "train") -> None:
+def add_run_args(p: argparse.ArgumentParser, split: Optional[str] = "train",
+                 split_help: str = "the data set's own split") -> None:
     """RUN, the data options and --split: what every command that reads a run and its data takes."""
     p.add_argument("run", type=Path, help="run directory")
     add_data_args(p)
-    p.add_argument("--split", choices=("train", "test"), default=split, help="the data set's own split")
+    p.add_argument("--split", choices=("train", "test"), default=split, help=split_help)
 
 
 def add_json_args(p: argparse.ArgumentParser) -> None:
