@@ -367,8 +367,10 @@ def _section_run(page, run_dir, vae, ds, evaluate, seed, numbers, say):
     idx = np.random.default_rng(seed).choice(ds.n, n_eval, replace=False) if ds.n > n_eval else np.arange(ds.n)
     # the same call as `vaelens evaluate --seed`: for the same rows and seed, the same numbers
     res = vae.evaluate(ds.X[np.sort(idx)], iw_samples=EVAL_IW_SAMPLES, seed=seed).to_dict()
+    res["space"] = data_mod.figure_space(cfg)  # what the nats are densities of
     numbers["evaluation"] = res
-    s.body.append(f'<p class="muted">on {n_eval} of the samples shown, IWAE with K = {EVAL_IW_SAMPLES} '
+    s.body.append(f'<p class="muted">on {n_eval} of the samples shown, IWAE with K = {EVAL_IW_SAMPLES}, '
+                  f'densities in nats of {html.escape(res["space"])} '
                   f'(run <code>vaelens evaluate --seed {seed}</code> for the full figures)</p>')
     s.body.append(_table(list(_flatten(res)), ("metric", "value")))
 

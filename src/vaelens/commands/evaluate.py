@@ -104,8 +104,8 @@ def evaluation_split(args, cfg) -> Optional[str]:
         return args.split or "test"
     if args.data is not None:
         if args.split is not None:
-            raise VaelensError(f"--split applies to the built-in data sets only; {cfg.path} is evaluated whole: "
-                               f"leave out --split")
+            print(f"note: --split applies to the built-in data sets only; {cfg.path} is evaluated whole",
+                  file=sys.stderr, flush=True)
         return None
     if args.split == "train":
         return "train"  # the run's own training file, asked for by name
