@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
@@ -71,7 +72,7 @@ class Table:
 
 def read_csv(path: Path, opt: ReadOptions) -> Table:
     text = _read_text(path)
-    raw = text.splitlines(keepends=True)
+    raw = io.StringIO(text, newline="").readlines()  # lines as csv counts them (\r, \n, \r\n only)
     sample = [ln.rstrip("\r\n") for ln in raw if ln.strip()][:SNIFF_LINES]
     if not sample:
         raise DataError(f"{path}: empty file")
