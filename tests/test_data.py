@@ -102,12 +102,12 @@ def test_csv_without_header(tmp_path):
 
 @pytest.mark.parametrize("text, fragment", [
     ("a,b\n1,2\n3\n", "line 3 has 1 fields, expected 2"),
-    ("a,b\n1,nan\n3,4\n", "NaN or infinite values at line 2, column 'b'"),
+    ("a,b\n1,nan\n3,4\n", "missing values (empty, NA, NaN or ?) at line 2, column 'b'; pass --missing drop"),
     ("a,b\n1,2\n3,inf\n", "line 3, column 'b'"),
     ("", "empty file"),
     ("a,b\n", "has a header but no data rows"),
     ("a,b\n1,1e300\n", "too large for float32"),
-    ("a,b\n1,\n", "non-numeric values in column(s) 'b' (line 2: '')"),
+    ("a,b\n1,\n", "missing values (empty, NA, NaN or ?) at line 2, column 'b'"),
 ])
 def test_csv_errors_name_the_place(tmp_path, text, fragment):
     p = tmp_path / "bad.csv"

@@ -28,6 +28,9 @@ OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("constant", "cosine", "exponential", "plateau")
 BINARIZE = ("none", "static", "dynamic")
 DEVICES = ("auto", "cpu", "cuda")
+MISSING = ("error", "drop")
+MISSING_LABEL = ("error", "drop", "keep")
+LABEL_KINDS = ("int", "float", "str")
 
 
 def _opt(default: Any = None, help: str = "", *, choices: Optional[Tuple[str, ...]] = None, group: str = "",
@@ -61,6 +64,24 @@ class DataConfig:
     columns: Optional[Tuple[str, ...]] = _opt(None, "comma-separated feature columns of a table", role="source")
     label_column: Optional[str] = _opt(None, "table column (or .npz key) with labels; kept out of the features",
                                        role="source")
+    delimiter: Optional[str] = _opt(None, "the separator of a .csv/.txt table (default: sniffed among , ; tab |)",
+                                    role="source", metavar="CHAR")
+    missing: str = _opt("error", "missing feature values (empty, NA, NaN, ?): error names line and column; drop "
+                                 "leaves those rows out (counted); nothing is filled in", choices=MISSING,
+                        role="source")
+    missing_label: str = _opt("error", "missing labels: error names the line; drop leaves those rows out; keep "
+                                       "makes them a class of their own", choices=MISSING_LABEL, role="source")
+    keep_id_columns: bool = _opt(False, "use columns that look like row identifiers (named id/index/..., or "
+                                        "consecutive integers) as features; by default they are left out with a "
+                                        "note", role="source")
+    # Filled from the training data and saved in the run, so that later files are read by the same
+    # column names and coded against the same labels (written as strings; label_kind gives their type).
+    feature_columns: Optional[Tuple[str, ...]] = _opt(None, "the table columns the run was trained on (from the "
+                                                            "data)", flag=None, role="derived")
+    labels: Optional[Tuple[str, ...]] = _opt(None, "the label vocabulary, sorted, as written ('' for the class of "
+                                                   "missing labels; from the data)", flag=None, role="derived")
+    label_kind: Optional[str] = _opt(None, "int, float or str: the type of the labels (from the data)", flag=None,
+                                     role="derived")
     binarize: str = _opt("none", "image binarization", choices=BINARIZE, group="preprocessing")
     standardize: bool = _opt(False, "standardize features (mean 0, std 1; saved in the run) for continuous data",
                              group="preprocessing")
@@ -76,6 +97,19 @@ class DataConfig:
             raise ConfigError(f"{prefix}.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.limit is not None and self.limit < 2:
             raise ConfigError(f"{prefix}.limit must be at least 2, got {self.limit}")
+        if self.delimiter is not None and len(self.delimiter) != 1 and self.delimiter not in ("\\t", "tab"):
+            raise ConfigError(f"{prefix}.delimiter must be one character, got {self.delimiter!r}")
+        if (self.labels is None) != (self.label_kind is None):
+            raise ConfigError(f"{prefix}.labels and {prefix}.label_kind go together")
+        if self.label_kind is not None:
+            _choice(f"{prefix}.label_kind", self.label_kind, LABEL_KINDS)
+            as_kind = {"int": int, "float": float, "str": str}[self.label_kind]
+            for i, v in enumerate(self.labels):
+                try:
+                    as_kind(v) if v != "" else None
+                except ValueError:
+                    raise ConfigError(f"{prefix}.labels[{i}]: {v!r} is not a{'n' if self.label_kind == 'int' else ''} "
+                                      f"{self.label_kind}") from None
 
 
 @dataclass(frozen=True)

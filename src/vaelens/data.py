@@ -7,7 +7,7 @@ Errors are `DataError`s that name the file, row, column or key at fault.
 
 from __future__ import annotations
 
-import csv
+import dataclasses
 import gzip
 import hashlib
 import os
@@ -63,14 +63,24 @@ class Dataset:
     ----------
     X : ndarray of shape (n, p), float32
     y : ndarray of shape (n,) or None
-        Integer labels where the data set has them.
+        Integer labels: the labels themselves (built-in sets, arrays), or, where `label_values`
+        is set (labels read from a file), indices into it.
     image_shape : (height, width) or None
         Set for image data; ``X`` holds the images flattened row-major.
     name : str
         Built-in name, or the file it came from.
     feature_names : list of str or None
+        Header names of a table's feature columns.
+    feature_columns : list of str or None
+        How a table's features are found again (names, or 0-based indices without a header).
+    label_values : list or None
+        The label vocabulary in the labels' own type (int, float or str; None for the class of
+        missing labels): ``label_values[y[i]]`` is sample i's label as written in the file.
     label_names : list of str or None
-        Original label values where the labels were strings.
+        The legend of each code: ``str`` of `label_values`.
+    label_kind : "int", "float", "str" or None
+    notes : list of str
+        What reading the data decided that a user should hear (columns left out, rows dropped).
     """
 
     X: np.ndarray
@@ -80,6 +90,9 @@ class Dataset:
     feature_names: Optional[list] = None
     label_names: Optional[list] = None
     notes: list = field(default_factory=list)
+    feature_columns: Optional[list] = None
+    label_values: Optional[list] = None
+    label_kind: Optional[str] = None
 
     @property
     def n(self) -> int:
@@ -90,15 +103,20 @@ class Dataset:
         return int(self.X.shape[1])
 
     def subset(self, idx: np.ndarray) -> "Dataset":
-        return Dataset(
-            X=self.X[idx],
-            y=None if self.y is None else self.y[idx],
-            image_shape=self.image_shape,
-            name=self.name,
-            feature_names=self.feature_names,
-            label_names=self.label_names,
-            notes=list(self.notes),
-        )
+        return dataclasses.replace(self, X=self.X[idx], y=None if self.y is None else self.y[idx],
+                                   notes=list(self.notes))
+
+    def labels(self) -> Optional[np.ndarray]:
+        """The labels as written (int64, float64 with NaN where missing, or str), or None."""
+        if self.y is None or self.label_values is None:
+            return self.y
+        from .tables import labels_array
+
+        return labels_array([self.label_values[int(c)] for c in self.y])
+
+    def label_of(self, i: int) -> str:
+        """Sample i's label for a legend or caption."""
+        return str(self.y[i]) if self.label_names is None else self.label_names[int(self.y[i])]
 
 
 # --- entry point ------------------------------------------------------------------------------
@@ -121,7 +139,7 @@ def load(cfg: DataConfig, split: str = "train") -> Dataset:
     elif cfg.name == "file":
         if split == "test":
             raise DataError(f"{cfg.path}: a data file has no test split of its own; pass the test file as --data")
-        ds = load_file(cfg.path, key=cfg.key, columns=cfg.columns, label_column=cfg.label_column)
+        ds = load_file(cfg.path, key=cfg.key, **read_options(cfg))
     else:
         raise DataError(f"unknown data set {cfg.name!r}: use one of {', '.join(BUILTIN)} or a file path")
     if cfg.limit is not None and split == "train" and ds.n > cfg.limit:
@@ -257,8 +275,39 @@ def read_idx(path) -> np.ndarray:
 
 # --- files ------------------------------------------------------------------------------------
 
+def read_options(cfg: DataConfig) -> dict:
+    """`load_file`'s reading options from a DataConfig, with the run's saved features and labels."""
+    delimiter = "\t" if cfg.delimiter in ("\\t", "tab") else cfg.delimiter  # what a shell makes of a tab
+    return dict(columns=cfg.columns, label_column=cfg.label_column, delimiter=delimiter, missing=cfg.missing,
+                missing_label=cfg.missing_label, keep_id_columns=cfg.keep_id_columns,
+                feature_columns=cfg.feature_columns, vocabulary=saved_vocabulary(cfg), label_kind=cfg.label_kind)
+
+
+def saved_vocabulary(cfg: DataConfig) -> Optional[list]:
+    """The run's label vocabulary in the labels' own type ("" in config.json: the missing class)."""
+    if cfg.labels is None:
+        return None
+    as_kind = {"int": int, "float": float}.get(cfg.label_kind or "str", str)
+    return [None if v == "" else as_kind(v) for v in cfg.labels]
+
+
+def with_saved_columns(cfg: DataConfig, ds: Dataset) -> DataConfig:
+    """`cfg` with the features and label vocabulary `ds` was read with, where it has none yet.
+
+    Saved in the run, they make every later file be read by the same column names and coded
+    against the same labels.
+    """
+    upd = {}
+    if cfg.feature_columns is None and ds.feature_columns is not None:
+        upd["feature_columns"] = tuple(ds.feature_columns)
+    if cfg.labels is None and ds.label_values is not None:
+        upd["labels"] = tuple("" if v is None else str(v) for v in ds.label_values)
+        upd["label_kind"] = ds.label_kind
+    return dataclasses.replace(cfg, **upd) if upd else cfg
+
+
 def load_file(path, key: Optional[str] = None, columns: Optional[Sequence[str]] = None,
-              label_column: Optional[str] = None) -> Dataset:
+              label_column: Optional[str] = None, **read) -> Dataset:
     """Load a .npy, .npz, .csv or .parquet file (or IDX, by its name) as a `Dataset`.
 
     Parameters
@@ -270,7 +319,13 @@ def load_file(path, key: Optional[str] = None, columns: Optional[Sequence[str]] 
         Feature columns of a table (names, or 0-based indices as strings).
     label_column : str, optional
         Column (table) or key (.npz) holding labels; kept out of the features.
+    **read
+        The other fields of `vaelens.tables.ReadOptions`: delimiter, missing, missing_label,
+        keep_id_columns, and a run's feature_columns, vocabulary and label_kind.
     """
+    from .tables import ReadOptions
+
+    opt = ReadOptions(columns=columns, label_column=label_column, **read)
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file")
@@ -281,11 +336,11 @@ def load_file(path, key: Optional[str] = None, columns: Optional[Sequence[str]] 
     if suffix == ".npy":
         return from_array(_load_npy(path), str(path))
     if suffix == ".npz":
-        return _load_npz(path, key, label_column)
-    if suffix in (".csv", ".tsv", ".txt"):
-        return _load_csv(path, columns, label_column)
+        return _load_npz(path, key, opt)
+    if suffix in (".csv", ".tsv", ".txt", ".csv.gz", ".tsv.gz", ".txt.gz"):
+        return _read_table(path, opt, parquet=False)
     if suffix in (".parquet", ".pq"):
-        return _load_parquet(path, columns, label_column)
+        return _read_table(path, opt, parquet=True)
     if "idx" in path.name:
         return from_array(read_idx(path), str(path))
     raise DataError(f"{path}: unknown file type {suffix or '(none)'}; use .npy, .npz, .csv or .parquet")
@@ -307,7 +362,8 @@ def _load_problem(e: Exception, kind: str) -> str:
     return f"not a readable {kind} file ({msg})"
 
 
-def _load_npz(path: Path, key: Optional[str], label_key: Optional[str]) -> Dataset:
+def _load_npz(path: Path, key: Optional[str], opt) -> Dataset:
+    label_key = opt.label_column
     try:
         z = np.load(path, allow_pickle=False)
         keys = list(z.keys())
@@ -340,7 +396,16 @@ def _load_npz(path: Path, key: Optional[str], label_key: Optional[str]) -> Datas
             raise DataError(f"{path}[{label_key}]: {_load_problem(e, '.npz member')}") from None
         if len(y) != ds.n:
             raise DataError(f"{path}: labels {label_key!r} have {len(y)} entries for {ds.n} samples")
-        ds.y, ds.label_names = _encode_labels(y)
+        from . import tables
+
+        labels = tables.typed_labels(tables.array_labels(y), opt.label_kind)
+        notes: list = []
+        keep = tables.missing_labels(path, labels, label_key, list(range(len(y))), "row", opt.missing_label, notes)
+        if not keep.all():
+            ds = ds.subset(np.nonzero(keep)[0])
+            labels = [v for v, k in zip(labels, keep) if k]
+        ds.notes += notes
+        _set_labels(ds, labels, opt, f"{path}[{label_key}]")
     return ds
 
 
@@ -372,146 +437,45 @@ def from_array(arr: np.ndarray, where: str) -> Dataset:
     return Dataset(X=X, image_shape=image_shape, name=where, notes=notes)
 
 
-def _load_csv(path: Path, columns: Optional[Sequence[str]], label_column: Optional[str]) -> Dataset:
-    delim = "\t" if path.suffix.lower() == ".tsv" else ","
-    opener = gzip.open if path.name.endswith(".gz") else open
-    try:
-        # utf-8-sig: spreadsheet exports often start with a byte-order mark, which would make a header of line 1
-        with opener(path, "rt", newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.reader(f, delimiter=delim))
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
-    except csv.Error as e:
-        raise DataError(f"{path}: malformed CSV ({' '.join(str(e).split())})") from None
-    except (OSError, EOFError) as e:  # a damaged .csv.gz
-        raise DataError(f"{path}: cannot be read ({' '.join(str(e).split()) or type(e).__name__})") from None
-    # (file line number, cells) for non-blank lines
-    lines = [(i + 1, r) for i, r in enumerate(rows) if any(c.strip() for c in r)]
-    if not lines:
-        raise DataError(f"{path}: empty file")
-    first = lines[0][1]
-    # A first line with any non-numeric cell is a header; so is any file whose label column is named.
-    named_label = label_column is not None and not str(label_column).isdigit()
-    has_header = named_label or any(c.strip() and not _is_number(c) for c in first)
-    if has_header:
-        header = [c.strip() for c in first]
-        body = lines[1:]
-    else:
-        header = [str(i) for i in range(len(first))]
-        body = lines
-    if not body:
-        raise DataError(f"{path}: has a header but no data rows")
-    width = len(header)
-    for lineno, r in body:
-        if len(r) != width:
-            raise DataError(f"{path}: line {lineno} has {len(r)} fields, expected {width} (as in line {lines[0][0]})")
-    dupes = sorted({h for h in header if header.count(h) > 1})
-    if dupes:
-        raise DataError(f"{path}: duplicate column name(s) {', '.join(dupes)}")
-    label_idx = _column_index(path, header, label_column) if label_column is not None else None
-    if columns:
-        feat_idx = [_column_index(path, header, c) for c in columns]
-    else:
-        feat_idx = [i for i in range(width) if i != label_idx]
-    if not feat_idx:
-        raise DataError(f"{path}: no feature columns left")
-    X = np.empty((len(body), len(feat_idx)), dtype=np.float64)
-    bad = {}
-    for j, ci in enumerate(feat_idx):
-        for i, (lineno, r) in enumerate(body):
-            cell = r[ci].strip()
-            try:
-                X[i, j] = float(cell)
-            except ValueError:
-                if header[ci] not in bad:
-                    bad[header[ci]] = (lineno, cell)
-                X[i, j] = np.nan
-    if bad:
-        detail = "; ".join(f"{name!r} (line {ln}: {val!r})" for name, (ln, val) in list(bad.items())[:10])
-        raise DataError(
-            f"{path}: non-numeric values in column(s) {detail}. Choose numeric feature columns with --columns "
-            f"or name the label column with --label-column"
-        )
-    names = [header[i] for i in feat_idx]
-    check_finite(X, str(path), feature_names=names, row_offset=body[0][0])
+def _read_table(path: Path, opt, parquet: bool) -> Dataset:
+    from . import tables  # the readers live there; tables needs nothing from here
+
+    t = tables.read_parquet(path, opt) if parquet else tables.read_csv(path, opt)
+    # rows may have been dropped (--missing drop): each kept row is named by its own line
+    where = dict(feature_names=t.feature_columns, row_numbers=t.rows, row_word="row" if parquet else "line")
+    check_finite(t.X, str(path), **where)
     with np.errstate(over="ignore"):
-        X32 = X.astype(np.float32)
-    ds = Dataset(X=X32, name=str(path), feature_names=names if has_header else None)
-    check_finite(ds.X, str(path), feature_names=names, row_offset=body[0][0], what="values too large for float32")
-    if label_idx is not None:
-        ds.y, ds.label_names = _encode_labels(np.array([r[label_idx].strip() for _, r in body]))
+        X32 = t.X.astype(np.float32)
+    check_finite(X32, str(path), what="values too large for float32", **where)
+    ds = Dataset(X=X32, name=str(path), feature_names=t.feature_names, feature_columns=t.feature_columns,
+                 notes=list(t.notes or []))
+    if t.labels is not None:
+        _set_labels(ds, t.labels, opt, str(path))
     return ds
 
 
-def _load_parquet(path: Path, columns: Optional[Sequence[str]], label_column: Optional[str]) -> Dataset:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise DataError(f"{path}: reading .parquet needs pyarrow; install it with: pip install 'vaelens[parquet]'") from None
-    try:
-        table = pq.read_table(path)
-    except Exception as e:
-        raise DataError(f"{path}: not a readable parquet file ({e})") from None
-    header = list(table.column_names)
-    if label_column is not None:
-        _column_index(path, header, label_column)
-    names = [header[_column_index(path, header, c)] for c in columns] if columns else [h for h in header if h != label_column]
-    if not names:
-        raise DataError(f"{path}: no feature columns")
-    bad = []
-    cols = []
-    for name in names:
-        col = table.column(name).to_numpy(zero_copy_only=False)
-        if col.dtype.kind not in "biuf":
-            bad.append(f"{name!r} ({table.schema.field(name).type})")
-        else:
-            cols.append(col.astype(np.float64))
-    if bad:
-        raise DataError(f"{path}: non-numeric column(s) {', '.join(bad)}; choose numeric columns with --columns")
-    if table.num_rows == 0:
-        raise DataError(f"{path}: empty table")
-    X = np.stack(cols, axis=1)
-    check_finite(X, str(path), feature_names=names, row_offset=0, row_word="row")
-    with np.errstate(over="ignore"):
-        X32 = X.astype(np.float32)
-    check_finite(X32, str(path), feature_names=names, row_offset=0, row_word="row", what="values too large for float32")
-    ds = Dataset(X=X32, name=str(path), feature_names=names)
-    if label_column is not None:
-        ds.y, ds.label_names = _encode_labels(table.column(label_column).to_numpy(zero_copy_only=False))
-    return ds
+def _set_labels(ds: Dataset, labels: list, opt, where: str) -> None:
+    """Code `labels` (as written) against the run's vocabulary (or their own) into ds.y and friends."""
+    from . import tables
 
-
-def _column_index(path: Path, header: list, col: str) -> int:
-    if col in header:
-        return header.index(col)
-    if str(col).isdigit() and int(col) < len(header):
-        return int(col)
-    raise DataError(f"{path}: no column {col!r}; columns are {', '.join(header[:20])}{' ...' if len(header) > 20 else ''}")
-
-
-def _is_number(s: str) -> bool:
-    try:
-        float(s)
-        return True
-    except ValueError:
-        return False
-
-
-def _encode_labels(y: np.ndarray):
-    y = np.asarray(y)
-    if y.dtype.kind in "iub":
-        return y.astype(np.int64), None
-    if y.dtype.kind == "f" and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
-        return y.astype(np.int64), None
-    names, codes = np.unique(y.astype(str), return_inverse=True)
-    return codes.astype(np.int64), [str(v) for v in names]
+    codes, vocab, note = tables.code_labels(labels, opt.vocabulary, where)
+    ds.y, ds.label_values = codes, vocab
+    ds.label_names = [tables.label_name(v) for v in vocab]
+    present = [v for v in vocab if v is not None]
+    ds.label_kind = opt.label_kind or tables.typed_kind(present)
+    if note:
+        ds.notes.append(note)
 
 
 # --- validation -------------------------------------------------------------------------------
 
 def check_finite(X: np.ndarray, where: str, feature_names: Optional[list] = None, row_offset: int = 0,
-                 row_word: str = "line", what: str = "NaN or infinite values", original=None) -> None:
-    """Raise a `DataError` listing the first rows and columns that hold NaN or inf."""
+                 row_word: str = "line", what: str = "NaN or infinite values", original=None,
+                 row_numbers: Optional[Sequence[int]] = None) -> None:
+    """Raise a `DataError` listing the first rows and columns that hold NaN or inf.
+
+    Rows are named ``row r`` (0-based), ``<row_word> r + row_offset``, or by `row_numbers` (each
+    row's own line or row number, for tables whose rows were dropped)."""
     if X.size == 0:
         raise DataError(f"{where}: no data (shape {X.shape})")
     finite = np.isfinite(X)
@@ -521,7 +485,10 @@ def check_finite(X: np.ndarray, where: str, feature_names: Optional[list] = None
     cells = []
     for r, c in list(zip(rows, cols))[:5]:
         cname = feature_names[c] if feature_names else str(c)
-        label = f"{row_word} {r + row_offset}" if row_offset else f"row {r}"
+        if row_numbers is not None:
+            label = f"{row_word} {row_numbers[r]}"
+        else:
+            label = f"{row_word} {r + row_offset}" if row_offset else f"row {r}"
         cells.append(f"{label}, column {cname!r}")
     more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
     raise DataError(f"{where}: {what} at {'; '.join(cells)}{more}")
@@ -547,6 +514,24 @@ def validate(X: np.ndarray, likelihood: str, where: str = "data", expected_featu
                 f"(first at row {bad[0][0]}, column {bad[1][0]}); use --likelihood gaussian --standardize for "
                 f"continuous data, or rescale it"
             )
+
+
+# --- what the figures are in ------------------------------------------------------------------
+
+def figure_space(cfg) -> str:
+    """The space a run's densities (ELBO, log p(x)) are in: the model's input, as `VAE.model_input` makes it."""
+    if cfg.data.binarize != "none":
+        return "binarized pixels (0/1)" if cfg.model.image_shape else "binarized values (0/1)"
+    if cfg.model.likelihood in ("bernoulli", "cbernoulli"):
+        return "grey levels in [0, 1]"
+    if cfg.data.standardize:
+        return "standardized units (the run's mean and std)"
+    return "data units"
+
+
+def log_jacobian(t: Optional[Transform]) -> float:
+    """log p(x) in data units minus log p(x) in standardized units: -sum(log std) of the transform."""
+    return 0.0 if t is None or not t.std else -float(np.sum(np.log(np.asarray(t.std, np.float64))))
 
 
 # --- splits and transforms --------------------------------------------------------------------

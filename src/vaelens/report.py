@@ -238,6 +238,8 @@ def build_report(run_dir: Union[str, Path], data: Union[Dataset, np.ndarray, Non
     order = np.argsort(-activity, kind="stable")
     numbers: dict = {"n_points": ds.n, "latent_dim": d, "activity": activity, "active_units": n_active,
                      "active_threshold": ACTIVE_THRESHOLD, "seed": seed, "binarized": vae.binarized_}
+    if ds.y is not None:  # the legend's labels, as written in the file (5, 8, 11, 14 stay numbers)
+        numbers["labels"] = ds.label_values if ds.label_values is not None else np.unique(ds.y).tolist()
     page = _Page(fig_dir)
     rng = np.random.default_rng(seed)
 
@@ -320,8 +322,7 @@ def _dataset(data, cfg) -> Dataset:
     shape = cfg.model.image_shape
     if ds.image_shape is None and shape is not None and ds.p == shape[0] * shape[1]:
         # flattened images from a file: the model knows their shape
-        ds = Dataset(X=ds.X, y=ds.y, image_shape=tuple(shape), name=ds.name, feature_names=ds.feature_names,
-                     label_names=ds.label_names)
+        ds = dataclasses.replace(ds, image_shape=tuple(shape))
     return ds
 
 
@@ -366,8 +367,10 @@ def _section_run(page, run_dir, vae, ds, evaluate, seed, numbers, say):
     idx = np.random.default_rng(seed).choice(ds.n, n_eval, replace=False) if ds.n > n_eval else np.arange(ds.n)
     # the same call as `vaelens evaluate --seed`: for the same rows and seed, the same numbers
     res = vae.evaluate(ds.X[np.sort(idx)], iw_samples=EVAL_IW_SAMPLES, seed=seed).to_dict()
+    res["space"] = data_mod.figure_space(cfg)  # what the nats are densities of
     numbers["evaluation"] = res
-    s.body.append(f'<p class="muted">on {n_eval} of the samples shown, IWAE with K = {EVAL_IW_SAMPLES} '
+    s.body.append(f'<p class="muted">on {n_eval} of the samples shown, IWAE with K = {EVAL_IW_SAMPLES}, '
+                  f'densities in nats of {html.escape(res["space"])} '
                   f'(run <code>vaelens evaluate --seed {seed}</code> for the full figures)</p>')
     s.body.append(_table(list(_flatten(res)), ("metric", "value")))
 
@@ -461,7 +464,7 @@ def _section_point_cloud(page, vae, ds, mu, order, n_cloud, cloud_samples, rng, 
     dims = (int(order[0]), int(order[1])) if d >= 2 else (0, 0)
     say("point clouds")
     chk = vae.check(ds.X, indices=idx, n_samples=cloud_samples, seed=seed, level=0.01)
-    names = [f"sample {i}" + (f" (label {ds.y[i]})" if ds.y is not None else "") for i in idx]
+    names = [f"sample {i}" + (f" (label {ds.label_of(i)})" if ds.y is not None else "") for i in idx]
     page.figure(s, "point_cloud", point_cloud_figure(chk.z, chk.mu, chk.sigma, chk.emp_mean, chk.emp_std, dims, names),
                 f"{chk.n_samples} reparameterized draws z = mu(x) + sigma(x)·eps for each of {len(idx)} samples "
                 f"in z{dims[0]}, z{dims[1]}: the encoder's ellipse against the draws' empirical mean and std")

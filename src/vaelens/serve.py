@@ -31,6 +31,7 @@ from torch.distributions import Normal, kl_divergence
 from .api import VAE
 from .data import Dataset
 from .errors import DataError, VaelensError
+from .evaluate import active_units
 from .posterior import aggregate_posterior
 
 # Large data sets are shown as a seeded subsample: a browser draws 5000 points smoothly.
@@ -120,6 +121,9 @@ class Explorer:
         # Tables scale each feature's bar by its own range; images share one grey scale.
         self.feature_range = (dataset.X.min(0), dataset.X.max(0))                # (p,) each
         self._aggregate = self._compute_aggregate(seed)
+        # the page opens on the two most active latents (Var_x mu), the pair report's latent map shows
+        order = np.argsort(-active_units(self.mu)[1], kind="stable")
+        self.initial_dims = [int(order[0]), int(order[1 if self.d > 1 else 0])]
 
     # --- validation ----------------------------------------------------------------------
     def check_index(self, index: int) -> int:
@@ -158,6 +162,7 @@ class Explorer:
             "labels": None if labels is None else [int(v) for v in labels],
             "label_names": names,
             "latent_dim": self.d,
+            "initial_dims": self.initial_dims,
             "likelihood": cfg.model.likelihood,
             "binarized": self.vae.binarized_,
             "arch": cfg.model.arch,

@@ -97,7 +97,7 @@ def prepare(cfg: RunConfig, train: Dataset, val: Optional[Dataset] = None):
     model = cfg.model
     if model.input_dim is None:
         model = replace(model, input_dim=int(X.shape[1]), image_shape=train.image_shape)
-    cfg = cfg.replace(model=model, transform=transform).validate()
+    cfg = cfg.replace(data=data_mod.with_saved_columns(cfg.data, train), model=model, transform=transform).validate()
     data_mod.validate(X, cfg.model.likelihood, f"{train.name or 'training data'}", cfg.model.input_dim)
     if X_val is not None and len(X_val):
         data_mod.validate(X_val, cfg.model.likelihood, "validation data", cfg.model.input_dim)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import types
 import typing
 from pathlib import Path
@@ -148,11 +149,12 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
             add_option(g, opt)
 
 
-def add_run_args(p: argparse.ArgumentParser, split: str = "train") -> None:
+def add_run_args(p: argparse.ArgumentParser, split: Optional[str] = "train",
+                 split_help: str = "the data set's own split") -> None:
     """RUN, the data options and --split: what every command that reads a run and its data takes."""
     p.add_argument("run", type=Path, help="run directory")
     add_data_args(p)
-    p.add_argument("--split", choices=("train", "test"), default=split, help="the data set's own split")
+    p.add_argument("--split", choices=("train", "test"), default=split, help=split_help)
 
 
 def add_json_args(p: argparse.ArgumentParser) -> None:
@@ -180,7 +182,14 @@ def load_run_and_data(args, device: str = "cpu"):
     """The run in args.run and the data the flags name (default: the run's own), --split of it."""
     vae = VAE.load(args.run, device=device)
     ds = data_mod.load(data_config(args, base=vae.config_.data), getattr(args, "split", "train"))
+    show_notes(ds)
     return vae, ds
+
+
+def show_notes(ds) -> None:
+    """What reading the data decided (columns left out, rows dropped, unseen labels), on stderr."""
+    for note in ds.notes:
+        print(f"note: {note}", file=sys.stderr, flush=True)
 
 
 def check_limit(limit: Optional[int], minimum: int = 2) -> None:

@@ -60,7 +60,7 @@ def run(args) -> EncodeResult:
     post = vae.encode(X, seed=args.seed)
     cols = {"index": np.arange(ds.n)}
     if ds.y is not None:
-        cols["label"] = ds.y
+        cols["label"] = ds.labels()  # as written in the file: 5, 8, 11, 14 stay 5, 8, 11, 14
     z = vae.sample_latent(X, args.samples, seed=args.seed) if args.samples else None  # (K, n, d)
     d = post.mu.shape[1]
     out = prepare_output(args.out, force=True)  # checked above; this creates its folder

@@ -9,7 +9,9 @@ from typing import Optional
 
 import torch
 
+from .. import data as data_mod
 from .. import dist
+from ..api import VAE
 from ..config import DEVICES
 from ..errors import VaelensError
 from ..train import resolve_device
@@ -22,6 +24,7 @@ DISTRIBUTED = True  # under torchrun the ranks share the log-likelihood rows; ra
 _EPILOG = ("examples:\n  vaelens evaluate runs/digits-...\n"
            "  vaelens evaluate runs/mnist-... --data-dir ~/data/mnist --iw-samples 5000 --json eval.json\n"
            "  vaelens evaluate RUN --split train --limit 1000 --iw-samples 100\n"
+           "  vaelens evaluate RUN --data test.csv --label-column class   # a table's own test file\n"
            "  torchrun --nproc_per_node=2 -m vaelens evaluate RUN   # log p(x) rows shared between 2 processes\n")
 
 
@@ -29,11 +32,14 @@ def add_parser(subparsers):
     p = common.add_parser(
         subparsers, NAME, epilog=_EPILOG,
         help="ELBO, IWAE log-likelihood, active units, mutual information and aggregate KL of a run",
-        description="Evaluate a run on its own test split (or --data): per-sample ELBO terms averaged, the "
-                    "importance-weighted estimate of log p(x) (Burda et al. 2016) in nats and bits per "
-                    "dimension, active units, I(x; z) and KL(q(z) || p(z)). Binarized runs are evaluated on "
-                    "one seeded binarization of the data.")
-    common.add_run_args(p, split="test")
+        description="Evaluate a run on its data set's test split, or on a file (--data FILE, read with the run's "
+                    "feature columns): per-sample ELBO terms averaged, the importance-weighted estimate of log p(x) "
+                    "(Burda et al. 2016) in nats and bits per dimension, active units, I(x; z) and KL(q(z) || p(z)). "
+                    "Binarized runs are evaluated on one seeded binarization of the data. Every density is in the "
+                    "space the model sees (binarized pixels, grey levels, standardized units or data units; the "
+                    "output says which); a standardized run also gives log p(x) in data units.")
+    common.add_run_args(p, split=None, split_help="a built-in set's own split (default: test); a --data file is "
+                                                  "evaluated whole")
     p.add_argument("--iw-samples", type=int, default=5000, help="importance samples K for log p(x); 0 skips it")
     p.add_argument("--limit", type=int, help="evaluate only the first N samples")
     p.add_argument("--seed", type=int, default=0, help="seed for every random draw (and the binarization)")
@@ -57,25 +63,54 @@ class EvaluateResult(Result):
 
     def lines(self):
         r = self.numbers
-        out = [f"evaluate {r['run']} on {r['data']} {r['split']} ({r['n']} samples, {r['features']} features"
-               f"{', binarized once with seed %d' % r['seed'] if r['binarized'] else ''})"]
-        rows = [("ELBO", r["elbo"], r["elbo_se"], "nats"),
+        what = f"{r['data']} {r['split']} split" if r["split"] else f"{r['data']}, the whole file,"
+        out = [f"evaluate {r['run']} on {what} ({r['n']} samples, {r['features']} features"
+               f"{', binarized once with seed %d' % r['seed'] if r['binarized'] else ''})",
+               f"  densities in nats of the model's input: {r['space']}"]
+        short = _SHORT.get(r["space"], r["space"])
+        rows = [(f"ELBO [{short}]", r["elbo"], r["elbo_se"], "nats"),
                 ("  reconstruction E_q[log p(x|z)]", r["rec"], None, "nats"),
                 ("  KL(q(z|x) || p(z))", r["kl"], None, "nats")]
         if r["log_likelihood"] is not None:
-            rows += [(f"log p(x), IWAE k={r['iw_samples']}", r["log_likelihood"], r["log_likelihood_se"], "nats"),
+            rows += [(f"log p(x) [{short}], IWAE k={r['iw_samples']}", r["log_likelihood"], r["log_likelihood_se"],
+                      "nats"),
                      ("-log p(x) per dimension", r["bits_per_dim"], None, "bits/dim")]
+        if r.get("log_likelihood_data_units") is not None:
+            rows.append(("log p(x) [data units]", r["log_likelihood_data_units"], r["log_likelihood_se"],
+                         "nats (standardized - sum log std)"))
         rows += [("I(x; z)", r["mutual_information"], r["mutual_information_se"],
                   f"nats (at most log n = {r['mutual_information_max']:.2f})"),
                  ("KL(q(z) || p(z)), aggregate", r["aggregate_kl"], r["aggregate_kl_se"], "nats")]
-        out.append(f"  {'metric':34s} {'mean':>12s} {'± s.e.':>8s}")
-        out += [f"  {name:34s} {v:12.4f} {se_cell(se)}  {unit}" for name, v, se, unit in rows]
-        out.append(f"  {'active units':34s} {r['active_units']:>12d} {'':8s}  of {r['latent_dim']} "
+        w = max(34, max(len(name) for name, *_ in rows))
+        out.append(f"  {'metric':{w}s} {'mean':>12s} {'± s.e.':>8s}")
+        out += [f"  {name:{w}s} {v:12.4f} {se_cell(se)}  {unit}" for name, v, se, unit in rows]
+        out.append(f"  {'active units':{w}s} {r['active_units']:>12d} {'':8s}  of {r['latent_dim']} "
                    f"(Cov_x E_q[z_u] > {r['active_threshold']:g})")
         out.append(f"  {'dim':>5s} {'KL':>10s} {'activity':>10s}")
         out += [f"  {j:5d} {kl:10.4f} {act:10.4f}{'  active' if act > r['active_threshold'] else ''}"
                 for j, (kl, act) in enumerate(zip(r["kl_per_dim"], r["activity"]))]
         return out
+
+
+# the row labels' short form of `data.figure_space`
+_SHORT = {"binarized pixels (0/1)": "binarized", "binarized values (0/1)": "binarized",
+          "grey levels in [0, 1]": "grey levels", "standardized units (the run's mean and std)": "standardized",
+          "data units": "data units"}
+
+
+def evaluation_split(args, cfg) -> Optional[str]:
+    """Which split of the data to evaluate: a built-in set's own (default test); None for a file, read whole."""
+    if cfg.name in data_mod.BUILTIN:
+        return args.split or "test"
+    if args.data is not None:
+        if args.split is not None:
+            print(f"note: --split applies to the built-in data sets only; {cfg.path} is evaluated whole",
+                  file=sys.stderr, flush=True)
+        return None
+    if args.split == "train":
+        return "train"  # the run's own training file, asked for by name
+    raise VaelensError(f"{args.run} was trained on {cfg.path}, which has no test split of its own; pass the test "
+                       f"file with --data FILE (or --split train to evaluate the training file)")
 
 
 def run(args) -> EvaluateResult:
@@ -88,11 +123,21 @@ def run(args) -> EvaluateResult:
     if device.type == "cuda" and info.distributed:
         device = torch.device("cuda", info.local_rank)
     dist.setup(device)
-    vae, ds = common.load_run_and_data(args, device=str(device))
+    vae = VAE.load(args.run, device=str(device))
+    cfg = common.data_config(args, base=vae.config_.data)
+    split = evaluation_split(args, cfg)
+    ds = data_mod.load(cfg, split or "train")  # a file's "train" split is the whole file
+    if info.is_main:
+        common.show_notes(ds)
     X = common.first_rows(ds.X, args.limit)
     ev = vae.evaluate(X, iw_samples=args.iw_samples, seed=args.seed, distributed=True,
                       progress=not args.no_progress and sys.stderr.isatty(), batch_size=args.batch_size)
     r = ev.to_dict(per_sample=args.per_sample)
-    r.update(run=str(args.run), data=ds.name, split=args.split, binarized=vae.binarized_,
-             seed=args.seed, processes=info.world_size)
+    r.update(run=str(args.run), data=ds.name, split=split, binarized=vae.binarized_,
+             seed=args.seed, processes=info.world_size, space=data_mod.figure_space(vae.config_))
+    if vae.config_.data.standardize:
+        # x = mean + std * x', so log p(x) = log p(x') - sum(log std): comparable with models fitted on raw columns
+        shift = data_mod.log_jacobian(vae.config_.transform)
+        r.update(log_jacobian=shift, elbo_data_units=r["elbo"] + shift,
+                 log_likelihood_data_units=None if r["log_likelihood"] is None else r["log_likelihood"] + shift)
     return EvaluateResult(r, json_out)

@@ -68,7 +68,8 @@ def train_config(args) -> RunConfig:
             raise ConfigError(f"{args.config}: no such config file")
         cfg = RunConfig.from_json(args.config.read_text(), source=str(args.config))
         # the model's size comes from the data again, so the config can be reused on other data
-        cfg = cfg.replace(model={"input_dim": None, "image_shape": None})
+        cfg = cfg.replace(model={"input_dim": None, "image_shape": None},
+                          data={"feature_columns": None, "labels": None, "label_kind": None})
         data = common.data_config(args, base=cfg.data)
     else:
         cfg = RunConfig()
@@ -208,6 +209,7 @@ def run(args) -> TrainOutcome:
     if not resume and info.is_main:
         shape = f", images {'x'.join(map(str, ds.image_shape))}" if ds.image_shape else ""
         print(f"data: {ds.name} ({ds.n} samples, {ds.p} features{shape})", flush=True)
+        common.show_notes(ds)
     outcome = TrainOutcome()
     for i, (run_dir, rcfg) in enumerate(runs):
         rcfg, X, X_val = prepared.pop(i) if i in prepared else prepare(rcfg, ds)

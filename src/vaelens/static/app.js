@@ -324,7 +324,8 @@ function bindControls() {
     const sel = $(id);
     for (let j = 0; j < d; j++) sel.add(new Option("z" + j, String(j)));
   }
-  S.dimY = Math.min(1, d - 1);
+  // the two most active latents (the server's choice, as the report's latent map)
+  [S.dimX, S.dimY] = S.info.initial_dims || [0, Math.min(1, d - 1)];
   $("dim-x").value = String(S.dimX); $("dim-y").value = String(S.dimY);
   const onDims = () => {
     S.dimX = parseInt($("dim-x").value, 10); S.dimY = parseInt($("dim-y").value, 10);
