@@ -40,7 +40,7 @@ from .config import RunConfig
 from .errors import CheckpointError, ConfigError, OutputError
 from .io import atomic_write
 from .safeio import (CONFIG_LIMIT, METRICS_LIMIT, SMALL_LIMIT, SUMMARY_LIMIT, open_regular, parse_json,
-                     read_bytes, read_json, safetensors_header)
+                     not_safetensors, read_bytes, read_json, safetensors_header)
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -521,6 +521,7 @@ def check_weights(path: Path, cfg: RunConfig) -> int:
     """
     path = Path(path)
     if not path.exists() and not path.is_symlink():
+        verify_checksums(path.parent, [path.name])  # "missing (listed in checksums.json)" where it is
         raise CheckpointError(f"{path}: missing")
     try:
         shapes = expected_tensors(cfg, str(path.parent / CONFIG))
@@ -532,22 +533,30 @@ def check_weights(path: Path, cfg: RunConfig) -> int:
     if missing or extra:
         raise CheckpointError(f"{path}: weights do not fit the model in config.json "
                               f"(missing {missing[:5]}, unexpected {extra[:5]})")
+    bound = 8 + header_len + 8 * sum(math.prod(v) for v in shapes.values())  # float64 at most
+    if size > bound:
+        raise not_safetensors(path, f"{size} bytes, more than the {bound} the model in config.json can take")
     spans = []
     for name, entry in header.items():
         ok = isinstance(entry, dict) and entry.get("dtype") in _FLOAT_DTYPES and isinstance(entry.get("shape"), list)
         offsets = entry.get("data_offsets") if ok else None
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(v) is int for v in offsets)):
-            raise CheckpointError(f"{path}: {name[:80]}: not a floating-point tensor entry of a safetensors header")
+            raise not_safetensors(path, f"{name[:80]}: not a floating-point tensor entry")
         if tuple(entry["shape"]) != shapes[name]:
             raise CheckpointError(f"{path}: {name} has shape {tuple(entry['shape'])}, the model in config.json "
                                   f"needs {shapes[name]}")
         spans.append((offsets[0], offsets[1], math.prod(shapes[name]) * _FLOAT_DTYPES[entry["dtype"]], name))
-    end = 0
+    end, problem = 0, None
     for begin, stop, nbytes, name in sorted(spans):
         if begin != end or stop - begin != nbytes:
-            raise CheckpointError(f"{path}: {name}: byte range {begin}..{stop} does not fit its shape and dtype")
+            problem = f"{name}: byte range {begin}..{stop} does not fit its shape and dtype"
+            break
         end = stop
-    if size != 8 + header_len + end:
-        raise CheckpointError(f"{path}: {size} bytes, but its header describes {end} bytes of tensors; "
-                              f"truncated or altered")
+    if problem is None and size != 8 + header_len + end:
+        problem = f"{size} bytes, but its header describes {8 + header_len + end}"
+    if problem:
+        # a file vaelens wrote and something cut or changed: checksums.json says so more plainly (and
+        # hashing is bounded, the size having been checked above)
+        verify_checksums(path.parent, [path.name])
+        raise not_safetensors(path, problem)
     return size

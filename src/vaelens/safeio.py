@@ -167,6 +167,12 @@ def read_json(path: Union[str, Path], limit: int, error: _Err = CheckpointError,
     return parse_json(read_bytes(path, limit, error), str(path), error, strict)
 
 
+def not_safetensors(path, detail: str, error: _Err = CheckpointError) -> VaelensError:
+    """The one message for a weights file that cannot be read as safetensors."""
+    return error(f"{path}: not a readable safetensors file ({detail}); it may be truncated, altered or in "
+                 f"another format (vaelens never unpickles weights)")
+
+
 def safetensors_header(path: Union[str, Path], error: _Err = CheckpointError) -> Tuple[dict, int, int]:
     """The JSON header of a safetensors file, its length and the file's size, reading only the header.
 
@@ -178,14 +184,17 @@ def safetensors_header(path: Union[str, Path], error: _Err = CheckpointError) ->
         with os.fdopen(fd, "rb", closefd=False) as f:
             head = f.read(8)
             if len(head) < 8:
-                raise error(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+                raise not_safetensors(path, "shorter than its 8-byte header length", error)
             (n,) = struct.unpack("<Q", head)
             if n > HEADER_LIMIT or 8 + n > st.st_size:
-                raise error(f"{path}: not a safetensors file (header length {n} in a file of {st.st_size} bytes)")
+                raise not_safetensors(path, f"header length {n} in a file of {st.st_size} bytes", error)
             text = f.read(n)
     finally:
         os.close(fd)
-    header = parse_json(text, f"{path} (safetensors header)", error, strict=True)
+    try:
+        header = parse_json(text, "header", error, strict=True)
+    except VaelensError as e:
+        raise not_safetensors(path, str(e), error) from None
     if not isinstance(header, dict):
-        raise error(f"{path}: not a safetensors file (its header is not a JSON object)")
+        raise not_safetensors(path, "its header is not a JSON object", error)
     return header, n, st.st_size
