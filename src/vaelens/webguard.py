@@ -10,6 +10,9 @@
   endpoints) works on a small body only;
 - the whole body must arrive within `body_timeout` seconds, else 408 (a slow sender ties up a
   connection, not a worker);
+- a POST must say Content-Type: application/json (415 otherwise): a cross-site page can send text/plain
+  or form bodies without the browser asking the server first, but not JSON (that needs a CORS
+  preflight, which this server never grants);
 - every response carries nosniff, a Content-Security-Policy that lets the page load only its own
   script, style and fetches, X-Frame-Options DENY and Referrer-Policy no-referrer.
 
@@ -108,6 +111,10 @@ class Guard:
             return await _refuse(send, 413, f"request body larger than {self.max_body} bytes")
         if body is False:
             return  # the client went away
+        if scope["method"] not in ("GET", "HEAD") and not _is_json(headers.get(b"content-type", [])):
+            # A cross-site page can POST text/plain or a form without asking; application/json needs a
+            # CORS preflight, which this server never grants. So only JSON bodies reach the app.
+            return await _refuse(send, 415, "request bodies must be application/json")
         await self.app(scope, _replay(body, receive), send)
 
     def _host_ok(self, values) -> bool:
@@ -134,6 +141,10 @@ class Guard:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
+
+
+def _is_json(values) -> bool:
+    return len(values) == 1 and values[0].split(b";")[0].strip().lower() == b"application/json"
 
 
 def _replay(body: bytes, receive):
