@@ -8,7 +8,6 @@ Every bound below is stated with why it holds; docs/security.md lists what these
 import json
 import os
 import re
-import resource
 import select
 import shutil
 import signal
@@ -32,7 +31,7 @@ from vaelens import VAE  # noqa: E402
 from vaelens.cli import build_parser  # noqa: E402
 from vaelens.commands import serve as serve_cmd  # noqa: E402
 from vaelens.data import load_digits  # noqa: E402
-from vaelens.webguard import MAX_BODY, Guard, server_config  # noqa: E402
+from vaelens.webguard import Guard, server_config  # noqa: E402
 
 MiB = 1 << 20
 SRC = str(Path(__file__).resolve().parents[1] / "src")
