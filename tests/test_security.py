@@ -56,8 +56,12 @@ def _rss_kib(pid: int) -> int:
 
 
 @pytest.fixture(scope="module")
-def server(run_dir):
-    """`vaelens serve RUN --host 127.1`: a loopback address spelled so that the old text test missed it."""
+def server(run_dir, probe):
+    """`vaelens serve RUN --host 127.1`: a loopback address spelled so that the old text test missed it.
+
+    Asks for `probe` only to start that child first: both spend their first ~10 s importing torch, and on
+    a shared machine two imports side by side finish sooner than one after the other.
+    """
     proc = subprocess.Popen([sys.executable, "-m", "vaelens", "serve", str(run_dir), "--data", "digits",
                              "--host", "127.1", "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=_env())
@@ -376,7 +380,22 @@ _PROBE = textwrap.dedent("""
 """)
 
 
-def test_hostile_run_folders_give_one_line_and_exit_2(run_dir, tmp_path):
+@pytest.fixture(scope="module")
+def probe(run_dir, tmp_path_factory):
+    """The hostile folders, and the child probing them (started here, read by the test below)."""
+    folders = _hostile_folders(run_dir, tmp_path_factory.mktemp("hostile"))
+    jobs = [[name, ["info", str(d)]] for name, d in folders.items()]
+    jobs += [[f"serve: {name}", ["serve", str(folders[name]), "--data", "digits", "--port", "0"]]
+             for name in ("model.safetensors a FIFO", "hidden 20000x20000")]
+    proc = subprocess.Popen([sys.executable, "-c", _PROBE, json.dumps(jobs)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env())
+    yield proc, jobs
+    if proc.returncode is None and proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def test_hostile_run_folders_give_one_line_and_exit_2(probe):
     """Each folder used to build a 3.3 GB model, exhaust memory, hang on the FIFO or end in a traceback.
 
     A child process runs `python -m vaelens info RUN` on every folder (and `serve` on two), timing each and
@@ -386,14 +405,8 @@ def test_hostile_run_folders_give_one_line_and_exit_2(run_dir, tmp_path):
     largest allowed read, 16 MiB, plus what parsing it may take), and 1 GiB for the child's whole peak RSS
     from wait4 (torch's import is ~500 MB of it; the /dev/zero read it replaces grew without end).
     """
-    folders = _hostile_folders(run_dir, tmp_path)
-    jobs = [[name, ["info", str(d)]] for name, d in folders.items()]
-    jobs += [[f"serve: {name}", ["serve", str(folders[name]), "--data", "digits", "--port", "0"]]
-             for name in ("model.safetensors a FIFO", "hidden 20000x20000")]
-    probe = subprocess.Popen([sys.executable, "-c", _PROBE, json.dumps(jobs)], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=_env())
-    out, err = probe.stdout.read(), probe.stderr.read()  # a hang would show as the timeout in wait4
-    rc, peak = _wait_with_rusage(probe, timeout=120)
+    probe, jobs = probe
+    rc, peak, out, err = _wait_with_rusage(probe, timeout=120)  # a hang would end in the kill at 120 s
     assert rc == 0, err
     rows = [json.loads(line) for line in out.splitlines()]
     assert [r[0] for r in rows] == [j[0] for j in jobs]
@@ -408,15 +421,17 @@ def test_hostile_run_folders_give_one_line_and_exit_2(run_dir, tmp_path):
 
 
 def _wait_with_rusage(proc, timeout):
-    """(exit status, peak RSS in MiB) of one child, from wait4: its own figure, not the children's max."""
+    """(exit status, peak RSS in MiB, stdout, stderr) of one child; the RSS from wait4 is its own figure,
+    not the maximum over all children. The child is killed after `timeout` seconds."""
     timer = threading.Timer(timeout, proc.kill)
     timer.start()
     try:
+        out, err = proc.stdout.read(), proc.stderr.read()  # small: one line per folder
         _, status, usage = os.wait4(proc.pid, 0)
     finally:
         timer.cancel()
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, usage.ru_maxrss / 1024
+    return proc.returncode, usage.ru_maxrss / 1024, out, err
 
 
 def test_a_good_run_still_loads_and_checksums_still_catch_a_swap(run_dir, tmp_path):
