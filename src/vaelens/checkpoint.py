@@ -301,9 +301,12 @@ def load_train_state(run_dir: Path, module: torch.nn.Module, optimizer, schedule
     shadow the ones written from here on.
     """
     problems, damaged = [], []
+    # No checkpoint file of this model can be larger: 8 bytes per value, three values per parameter
+    # (weights, Adam's two moments), plus generator states and headers. A hostile one is refused unread.
+    limit = 3 * 8 * sum(p.numel() for p in module.state_dict().values()) + 16 * (1 << 20)
     for folder in checkpoint_candidates(run_dir):
         try:
-            weights, opt_state, sched_state, state, tensors = load_checkpoint(folder)
+            weights, opt_state, sched_state, state, tensors = load_checkpoint(folder, limit)
             module.load_state_dict(weights)
             optimizer.load_state_dict(opt_state)
             if scheduler is not None and sched_state is not None:
@@ -372,7 +375,7 @@ def quarantine(folder: Path) -> Optional[Path]:
 _TRAINER_KEYS = ("epoch", "step", "best_val", "best_epoch", "bad_epochs", "optimizer")
 
 
-def load_checkpoint(folder: Path):
+def load_checkpoint(folder: Path, limit: int = TENSORS_LIMIT):
     """Read a checkpoint folder: (weights, optimizer state dict, scheduler state or None, TrainState,
     trainer tensors).
 
@@ -384,8 +387,8 @@ def load_checkpoint(folder: Path):
     if not (folder / CHECKSUMS).exists():
         raise CheckpointError(f"{folder / CHECKSUMS}: missing; the checkpoint was not completely written")
     verify_checksums(folder, CKPT_FILES)
-    weights = load_tensors(folder / WEIGHTS)
-    tensors = load_tensors(folder / TRAINER_TENSORS)
+    weights = load_tensors(folder / WEIGHTS, limit)
+    tensors = load_tensors(folder / TRAINER_TENSORS, limit)
     meta_path = folder / TRAINER_META
     if not meta_path.exists():
         raise CheckpointError(f"{meta_path}: missing")
@@ -408,7 +411,7 @@ def load_checkpoint(folder: Path):
                            kl_dim_sum=tensors.get("sums.kl_dim"))
     except (ValueError, TypeError, RuntimeError) as e:
         raise CheckpointError(f"{meta_path}: malformed trainer state ({_one_line(e)})") from None
-    state.best = load_tensors(folder / BEST) if (folder / BEST).exists() else None
+    state.best = load_tensors(folder / BEST, limit) if (folder / BEST).exists() else None
     return weights, opt, meta.get("scheduler"), state, tensors
 
 
