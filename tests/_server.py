@@ -1,4 +1,4 @@
-"""A uvicorn server in a thread for the serve tests."""
+"""A uvicorn server in a thread for the serve tests, configured as `vaelens serve` configures it."""
 
 import contextlib
 import socket
@@ -7,14 +7,19 @@ import time
 
 import uvicorn
 
+from vaelens.webguard import server_config
+
 
 @contextlib.contextmanager
-def serving(app):
-    """Run `app` on uvicorn in a thread, on a free loopback port; yields its base URL."""
+def serving(app, host="127.0.0.1", **config):
+    """Run `app` on uvicorn in a thread, on a free port of `host`; yields its base URL.
+
+    `config` overrides `webguard.server_config`'s settings (e.g. a short header_timeout).
+    """
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind((host, 0))
     sock.listen(16)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    server = uvicorn.Server(server_config(app, **config))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -23,7 +28,7 @@ def serving(app):
             raise RuntimeError("the test server did not start")
         time.sleep(0.02)
     try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+        yield f"http://{host}:{sock.getsockname()[1]}"
     finally:
         server.should_exit = True
         thread.join(10)

@@ -97,19 +97,19 @@ def test_page_explores_the_latent_space(browser, url, tmp_path):
         }""")
         px, py = page.evaluate(f"window.vaelens.pointOnCanvas({k})")
         page.mouse.click(box["x"] + px, box["y"] + py)
-        page.wait_for_function(f"window.vaelens.state.sel && window.vaelens.state.sel.index !== {first}",
+        page.wait_for_function(f"() => window.vaelens.state.sel && window.vaelens.state.sel.index !== {first}",
                                timeout=15000)
         assert _canvas_png(page, "img-input") != input_before
         assert page.locator("#sample-label").inner_text().startswith("label ")
 
         # draw z twice: the running mean and std appear, then change
         page.click("#draw")
-        page.wait_for_function("document.getElementById('draw-count').textContent === '10 draws'")
+        page.wait_for_function("() => document.getElementById('draw-count').textContent === '10 draws'")
         mean1, std1 = _column(page, "mean"), _column(page, "std")
         assert all(v.strip() for v in mean1 + std1)
         page.select_option("#batch", "200")
         page.click("#draw")
-        page.wait_for_function("document.getElementById('draw-count').textContent === '210 draws'")
+        page.wait_for_function("() => document.getElementById('draw-count').textContent === '210 draws'")
         mean2, std2 = _column(page, "mean"), _column(page, "std")
         assert mean2 != mean1 and std2 != std1
         assert page.evaluate("window.vaelens.state.draws.length") == 210
@@ -120,15 +120,15 @@ def test_page_explores_the_latent_space(browser, url, tmp_path):
         bx, by = page.evaluate("window.vaelens.latentOnCanvas(2, 2)")
         page.mouse.move(box["x"] + ax, box["y"] + ay)
         page.mouse.down()
-        page.wait_for_function(f"Number(document.body.dataset.decodes || 0) > {decodes}")
+        page.wait_for_function(f"() => Number(document.body.dataset.decodes || 0) > {decodes}")
         page.wait_for_timeout(200)
         decoded_a = _canvas_png(page, "img-decoded")
         z_a = page.evaluate("window.vaelens.state.pointerZ")
         page.mouse.move(box["x"] + bx, box["y"] + by, steps=12)
         page.mouse.up()
         page.wait_for_function(
-            "(() => { const z = window.vaelens.state.pointerZ; return z && z[0] > 1.5 && z[1] > 1.5; })()")
-        page.wait_for_function(f"Number(document.body.dataset.decodes) > {decodes + 2}")
+            "() => (() => { const z = window.vaelens.state.pointerZ; return z && z[0] > 1.5 && z[1] > 1.5; })()")
+        page.wait_for_function(f"() => Number(document.body.dataset.decodes) > {decodes + 2}")
         page.wait_for_timeout(300)  # let the last in-flight decode land
         decoded_b = _canvas_png(page, "img-decoded")
         z_b = page.evaluate("window.vaelens.state.pointerZ")
@@ -183,10 +183,10 @@ def test_tables_show_decoded_feature_values(browser):
                 x, y = page.evaluate(f"window.vaelens.latentOnCanvas({u_}, {v_})")
                 page.mouse.click(box["x"] + x, box["y"] + y)
                 page.wait_for_function(
-                    f"(() => {{ const z = window.vaelens.state.pointerZ; "
+                    f"() => (() => {{ const z = window.vaelens.state.pointerZ; "
                     f"return z && Math.abs(z[0] - {u_}) < 0.1; }})()")
-                page.wait_for_function("window.vaelens.state.decoded && document.querySelector('#features td.decoded')"
-                                       ".textContent !== ''")
+                page.wait_for_function("() => window.vaelens.state.decoded && "
+                                       "document.querySelector('#features td.decoded').textContent !== ''")
                 page.wait_for_timeout(200)
                 values.append(page.eval_on_selector_all("#features td.decoded", "t => t.map(x => x.textContent)"))
             assert values[0] != values[1] and all(v.strip() for v in values[1])

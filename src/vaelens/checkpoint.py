@@ -39,6 +39,8 @@ from safetensors.torch import save as st_save
 from .config import RunConfig
 from .errors import CheckpointError, ConfigError, OutputError
 from .io import atomic_write
+from .safeio import (CONFIG_LIMIT, METRICS_LIMIT, SMALL_LIMIT, SUMMARY_LIMIT, open_regular, parse_json,
+                     not_safetensors, read_bytes, read_json, safetensors_header)
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -47,6 +49,11 @@ SUMMARY = "summary.json"
 CHECKSUMS = "checksums.json"
 CKPT_DIR = "checkpoints"
 LATEST = "LATEST"
+# A model of more parameters than this is refused before anything is built: 4 GB of float32 weights,
+# far beyond a VAE on one machine's data, and the size a hostile config.json would claim.
+MAX_PARAMETERS = 10 ** 9
+# Any tensor file (optimizer state holds two tensors per weight, at most 8 bytes per value).
+TENSORS_LIMIT = 3 * 8 * MAX_PARAMETERS
 KEEP_CHECKPOINTS = 2  # the newest and one before it, to fall back on if the newest is damaged
 BEST = "best.safetensors"
 TRAINER_TENSORS = "trainer.safetensors"
@@ -71,7 +78,8 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    fd, _ = open_regular(path, TENSORS_LIMIT)  # a FIFO or /dev/zero listed in checksums.json is refused
+    with os.fdopen(fd, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
@@ -84,12 +92,9 @@ def write_checksums(folder: Path, names) -> None:
 
 def _read_sums(folder: Path) -> Optional[dict]:
     cpath = Path(folder) / CHECKSUMS
-    if not cpath.exists():
+    if not cpath.exists() and not cpath.is_symlink():
         return None
-    try:
-        sums = json.loads(cpath.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{cpath}: unreadable ({_one_line(e)})") from None
+    sums = read_json(cpath, SMALL_LIMIT)
     if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
         raise CheckpointError(f"{cpath}: expected a JSON object of file name -> SHA-256")
     return sums
@@ -139,12 +144,13 @@ def save_tensors(path: Path, tensors: Dict[str, torch.Tensor], metadata: Optiona
     atomic_write_bytes(path, st_save(cpu, metadata=metadata))
 
 
-def load_tensors(path: Path) -> Dict[str, torch.Tensor]:
+def load_tensors(path: Path, limit: int = TENSORS_LIMIT) -> Dict[str, torch.Tensor]:
     path = Path(path)
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         raise CheckpointError(f"{path}: missing")
+    data = read_bytes(path, limit)  # a regular file of bounded size: never a FIFO or /dev/zero
     try:
-        return st_load(path.read_bytes())
+        return st_load(data)
     except Exception as e:  # safetensors raises several error types for damaged files
         raise CheckpointError(f"{path}: not a readable safetensors file ({_one_line(e)}); it may be truncated, "
                               f"altered or in another format (vaelens never unpickles weights)") from None
@@ -154,9 +160,9 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
-def load_state_into(module: torch.nn.Module, path: Path) -> None:
+def load_state_into(module: torch.nn.Module, path: Path, limit: int = TENSORS_LIMIT) -> None:
     """Load weights from a safetensors file, naming missing and unexpected keys on mismatch."""
-    state = load_tensors(path)
+    state = load_tensors(path, limit)
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     extra = sorted(set(state) - set(own))
@@ -179,17 +185,12 @@ def load_config(run_dir: Path) -> RunConfig:
     run_dir = Path(run_dir)
     if not run_dir.exists():
         raise CheckpointError(f"{run_dir}: no such run directory")
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir}: not a folder; a run is the folder `vaelens train` wrote")
     path = run_dir / CONFIG
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         raise CheckpointError(f"{path}: missing; is {run_dir} a vaelens run directory?")
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise CheckpointError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
+    d = read_json(path, CONFIG_LIMIT)  # strict: no NaN, no duplicate keys, bounded size and depth
     try:
         return RunConfig.from_dict(d, source="config")
     except ConfigError as e:
@@ -300,9 +301,12 @@ def load_train_state(run_dir: Path, module: torch.nn.Module, optimizer, schedule
     shadow the ones written from here on.
     """
     problems, damaged = [], []
+    # No checkpoint file of this model can be larger: 8 bytes per value, three values per parameter
+    # (weights, Adam's two moments), plus generator states and headers. A hostile one is refused unread.
+    limit = 3 * 8 * sum(p.numel() for p in module.state_dict().values()) + 16 * (1 << 20)
     for folder in checkpoint_candidates(run_dir):
         try:
-            weights, opt_state, sched_state, state, tensors = load_checkpoint(folder)
+            weights, opt_state, sched_state, state, tensors = load_checkpoint(folder, limit)
             module.load_state_dict(weights)
             optimizer.load_state_dict(opt_state)
             if scheduler is not None and sched_state is not None:
@@ -347,8 +351,8 @@ def checkpoint_candidates(run_dir: Path):
     folders = sorted((p for p in ck_root.glob("ckpt-*") if p.is_dir()), reverse=True)
     latest = ck_root / LATEST
     try:
-        name = latest.read_text().strip() if latest.exists() else None
-    except (OSError, UnicodeDecodeError):
+        name = read_bytes(latest, SMALL_LIMIT).decode("utf-8").strip() if latest.exists() else None
+    except (CheckpointError, UnicodeDecodeError):
         name = None  # a damaged pointer: the folder names still order the checkpoints
     if name:
         folders.sort(key=lambda p: p.name != name)
@@ -371,7 +375,7 @@ def quarantine(folder: Path) -> Optional[Path]:
 _TRAINER_KEYS = ("epoch", "step", "best_val", "best_epoch", "bad_epochs", "optimizer")
 
 
-def load_checkpoint(folder: Path):
+def load_checkpoint(folder: Path, limit: int = TENSORS_LIMIT):
     """Read a checkpoint folder: (weights, optimizer state dict, scheduler state or None, TrainState,
     trainer tensors).
 
@@ -383,15 +387,13 @@ def load_checkpoint(folder: Path):
     if not (folder / CHECKSUMS).exists():
         raise CheckpointError(f"{folder / CHECKSUMS}: missing; the checkpoint was not completely written")
     verify_checksums(folder, CKPT_FILES)
-    weights = load_tensors(folder / WEIGHTS)
-    tensors = load_tensors(folder / TRAINER_TENSORS)
+    weights = load_tensors(folder / WEIGHTS, limit)
+    tensors = load_tensors(folder / TRAINER_TENSORS, limit)
     meta_path = folder / TRAINER_META
     if not meta_path.exists():
         raise CheckpointError(f"{meta_path}: missing")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{meta_path}: unreadable ({_one_line(e)})") from None
+    # not strict: best_val is Infinity until the first epoch ends
+    meta = read_json(meta_path, SUMMARY_LIMIT, strict=False)
     if not isinstance(meta, dict) or any(k not in meta for k in _TRAINER_KEYS):
         missing = [k for k in _TRAINER_KEYS if not isinstance(meta, dict) or k not in meta]
         raise CheckpointError(f"{meta_path}: not a vaelens trainer state (missing {', '.join(missing)})")
@@ -409,7 +411,7 @@ def load_checkpoint(folder: Path):
                            kl_dim_sum=tensors.get("sums.kl_dim"))
     except (ValueError, TypeError, RuntimeError) as e:
         raise CheckpointError(f"{meta_path}: malformed trainer state ({_one_line(e)})") from None
-    state.best = load_tensors(folder / BEST) if (folder / BEST).exists() else None
+    state.best = load_tensors(folder / BEST, limit) if (folder / BEST).exists() else None
     return weights, opt, meta.get("scheduler"), state, tensors
 
 
@@ -429,11 +431,11 @@ def append_metrics(run_dir: Path, record: dict) -> None:
 def read_metrics(run_dir: Path) -> list:
     """Metric records, one per epoch. A last line without its newline was cut off by a crash and is skipped."""
     path = Path(run_dir) / METRICS
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return []
     try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as e:
+        text = read_bytes(path, METRICS_LIMIT).decode("utf-8")
+    except UnicodeDecodeError as e:
         raise CheckpointError(f"{path}: unreadable ({_one_line(e)})") from None
     lines = text.split("\n")
     lines.pop()  # "" when the file ends with a newline, else the torn tail
@@ -441,10 +443,7 @@ def read_metrics(run_dir: Path) -> list:
     for i, line in enumerate(lines):
         if not line.strip():
             continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            raise CheckpointError(f"{path}: line {i + 1} is not valid JSON") from None
+        rec = parse_json(line, f"{path}: line {i + 1}", strict=False)
         if not isinstance(rec, dict):
             raise CheckpointError(f"{path}: line {i + 1} is not a JSON object")
         out.append(rec)
@@ -471,12 +470,12 @@ def save_run_weights(run_dir: Path, tensors: Dict[str, torch.Tensor]) -> None:
 
 def read_summary(run_dir: Path) -> dict:
     path = Path(run_dir) / SUMMARY
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return {}
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({_one_line(e)})") from None
+    summary = read_json(path, SUMMARY_LIMIT, strict=False)
+    if not isinstance(summary, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    return summary
 
 
 def load_model(run_dir: Path, map_location: str = "cpu"):
@@ -485,7 +484,82 @@ def load_model(run_dir: Path, map_location: str = "cpu"):
 
     run_dir = Path(run_dir)
     cfg = load_config(run_dir)
+    size = check_weights(run_dir / WEIGHTS, cfg)  # before hashing or reading it, and before building anything
     verify_checksums(run_dir, [CONFIG, WEIGHTS])
     module = VAEModule(cfg.model)
-    load_state_into(module, run_dir / WEIGHTS)
+    load_state_into(module, run_dir / WEIGHTS, limit=size)
     return cfg, module.to(map_location).eval()
+
+
+# safetensors dtype names of the floating types a state dict may be saved in, and their sizes
+_FLOAT_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+
+
+def expected_tensors(cfg: RunConfig, where: str = CONFIG) -> Dict[str, Tuple[int, ...]]:
+    """Name -> shape of every tensor in the state dict of the model `cfg` describes, without allocating it.
+
+    The model is built on the meta device (shapes only, no storage), after `ModelConfig.validate` bounded
+    the number of layers, so this costs microseconds whatever sizes config.json claims; the total is then
+    bounded by `MAX_PARAMETERS` before any real tensor exists.
+    """
+    from .model import VAEModule
+
+    with torch.device("meta"):
+        module = VAEModule(cfg.model)
+    shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    total = sum(math.prod(s) for s in shapes.values())
+    if total > MAX_PARAMETERS:
+        raise CheckpointError(f"{where}: describes a model of {total:,} parameters "
+                              f"({4 * total / 1e9:.1f} GB of float32); vaelens loads at most {MAX_PARAMETERS:,}")
+    return shapes
+
+
+def check_weights(path: Path, cfg: RunConfig) -> int:
+    """Compare a weights file's safetensors header with the model in `cfg`; return the file's size.
+
+    Reads only the header: every tensor's name, dtype, shape and byte range must be what the config
+    implies, and the ranges must tile the rest of the file exactly, so the file is as large as the model
+    and no larger. A mismatch (a config.json claiming hidden [20000, 20000] beside small weights) is
+    reported before a byte of weights is read or a parameter allocated.
+    """
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        verify_checksums(path.parent, [path.name])  # "missing (listed in checksums.json)" where it is
+        raise CheckpointError(f"{path}: missing")
+    try:
+        shapes = expected_tensors(cfg, str(path.parent / CONFIG))
+    except ConfigError as e:
+        raise CheckpointError(f"{path.parent / CONFIG}: {e}") from None
+    header, header_len, size = safetensors_header(path)
+    header.pop("__metadata__", None)
+    missing, extra = sorted(set(shapes) - set(header)), sorted(set(header) - set(shapes))
+    if missing or extra:
+        raise CheckpointError(f"{path}: weights do not fit the model in config.json "
+                              f"(missing {missing[:5]}, unexpected {extra[:5]})")
+    bound = 8 + header_len + 8 * sum(math.prod(v) for v in shapes.values())  # float64 at most
+    if size > bound:
+        raise not_safetensors(path, f"{size} bytes, more than the {bound} the model in config.json can take")
+    spans = []
+    for name, entry in header.items():
+        ok = isinstance(entry, dict) and entry.get("dtype") in _FLOAT_DTYPES and isinstance(entry.get("shape"), list)
+        offsets = entry.get("data_offsets") if ok else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(v) is int for v in offsets)):
+            raise not_safetensors(path, f"{name[:80]}: not a floating-point tensor entry")
+        if tuple(entry["shape"]) != shapes[name]:
+            raise CheckpointError(f"{path}: {name} has shape {tuple(entry['shape'])}, the model in config.json "
+                                  f"needs {shapes[name]}")
+        spans.append((offsets[0], offsets[1], math.prod(shapes[name]) * _FLOAT_DTYPES[entry["dtype"]], name))
+    end, problem = 0, None
+    for begin, stop, nbytes, name in sorted(spans):
+        if begin != end or stop - begin != nbytes:
+            problem = f"{name}: byte range {begin}..{stop} does not fit its shape and dtype"
+            break
+        end = stop
+    if problem is None and size != 8 + header_len + end:
+        problem = f"{size} bytes, but its header describes {8 + header_len + end}"
+    if problem:
+        # a file vaelens wrote and something cut or changed: checksums.json says so more plainly (and
+        # hashing is bounded, the size having been checked above)
+        verify_checksums(path.parent, [path.name])
+        raise not_safetensors(path, problem)
+    return size

@@ -10,12 +10,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional, Tuple
 
 from .errors import ConfigError
+from .safeio import parse_json
 
 CONFIG_VERSION = 1
 
@@ -31,6 +33,13 @@ DEVICES = ("auto", "cpu", "cuda")
 MISSING = ("error", "drop")
 MISSING_LABEL = ("error", "drop", "keep")
 LABEL_KINDS = ("int", "float", "str")
+# Bounds on a model's shape, far beyond any VAE that fits one machine and far below what a hostile
+# config.json could claim (100,000 layers, a 10^12 width): checked before anything is built. The
+# total parameter count is bounded where a run is loaded (`checkpoint.MAX_PARAMETERS`).
+MAX_LAYERS = 100
+MAX_CONV_LAYERS = 8
+MAX_WIDTH = 10 ** 6          # latent_dim, each hidden size, each conv channel count
+MAX_INPUT_DIM = 10 ** 8      # features per sample (a 10,000 x 10,000 image)
 
 
 def _opt(default: Any = None, help: str = "", *, choices: Optional[Tuple[str, ...]] = None, group: str = "",
@@ -133,18 +142,26 @@ class ModelConfig:
                                                   flag=None, role="derived")
 
     def validate(self, prefix: str = "model") -> None:
-        _positive_int(f"{prefix}.latent_dim", self.latent_dim)
+        if len(self.hidden) > MAX_LAYERS:
+            raise ConfigError(f"{prefix}.hidden: {len(self.hidden)} layers; at most {MAX_LAYERS} are allowed")
+        if len(self.conv_channels) > MAX_CONV_LAYERS:
+            raise ConfigError(f"{prefix}.conv_channels: {len(self.conv_channels)} layers; at most "
+                              f"{MAX_CONV_LAYERS} are allowed")
+        _positive_int(f"{prefix}.latent_dim", self.latent_dim, MAX_WIDTH)
         for i, h in enumerate(self.hidden):
-            _positive_int(f"{prefix}.hidden[{i}]", h)
+            _positive_int(f"{prefix}.hidden[{i}]", h, MAX_WIDTH)
         for i, c in enumerate(self.conv_channels):
-            _positive_int(f"{prefix}.conv_channels[{i}]", c)
+            _positive_int(f"{prefix}.conv_channels[{i}]", c, MAX_WIDTH)
         _check_choices(self, prefix)
         if not self.fixed_scale > 0:
             raise ConfigError(f"{prefix}.fixed_scale must be > 0, got {self.fixed_scale}")
         if not self.sigma_floor >= 0:
             raise ConfigError(f"{prefix}.sigma_floor must be >= 0, got {self.sigma_floor}")
         if self.input_dim is not None:
-            _positive_int(f"{prefix}.input_dim", self.input_dim)
+            _positive_int(f"{prefix}.input_dim", self.input_dim, MAX_INPUT_DIM)
+        if self.image_shape is not None:
+            for i, v in enumerate(self.image_shape):
+                _positive_int(f"{prefix}.image_shape[{i}]", v, MAX_INPUT_DIM)
         if self.arch == "conv":
             if self.image_shape is None:
                 raise ConfigError(f"{prefix}.arch 'conv' needs image data (an image_shape); use --arch mlp for tables")
@@ -155,6 +172,8 @@ class ModelConfig:
                     f"{prefix}.arch 'conv' halves the image {len(self.conv_channels)} times, so height and width "
                     f"must be divisible by {k}; got {h}x{w}"
                 )
+            if self.input_dim is not None and h * w != self.input_dim:
+                raise ConfigError(f"{prefix}.image_shape {h}x{w} does not hold input_dim {self.input_dim} features")
 
 
 @dataclass(frozen=True)
@@ -269,11 +288,8 @@ class RunConfig:
 
     @classmethod
     def from_json(cls, text: str, source: str = "config.json") -> "RunConfig":
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{source}: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
-        return cls.from_dict(d, source)
+        # strict: no NaN or Infinity, no duplicate keys; deep nesting and huge integers are one ConfigError
+        return cls.from_dict(parse_json(text, source, ConfigError), source)
 
 
 # --- options: what a user can set, for the command line and the API ----------------------------
@@ -372,9 +388,19 @@ def _choice(key: str, value: Any, choices: Tuple[str, ...]) -> None:
         raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
 
 
-def _positive_int(key: str, value: Any) -> None:
+def _positive_int(key: str, value: Any, most: Optional[int] = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+        raise ConfigError(f"{key} must be a positive integer, got {_short(value)}")
+    if most is not None and value > most:
+        raise ConfigError(f"{key} must be at most {most:,}, got {_short(value)}")
+
+
+def _short(value: Any) -> str:
+    """repr of a value, cut to one readable line (a hostile file may hold a 4,000-digit integer)."""
+    if isinstance(value, int) and abs(value) >= 10 ** 30:
+        return f"an integer of about {int(abs(value).bit_length() * math.log10(2)) + 1} digits"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _to_jsonable(obj: Any) -> Any:
@@ -444,18 +470,24 @@ def _coerce(key: str, typ: Any, value: Any) -> Any:
 def _scalar(key: str, typ: Any, value: Any) -> Any:
     if typ is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+            raise ConfigError(f"{key}: expected true or false, got {_short(value)}")
         return value
     if typ is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {_short(value)}")
         return value
     if typ is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+            raise ConfigError(f"{key}: expected a number, got {_short(value)}")
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond float range
+            raise ConfigError(f"{key}: {_short(value)} is out of range") from None
+        if not math.isfinite(value):  # 1e999 parses as inf
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+        return value
     if typ is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {_short(value)}")
         return value
     raise ConfigError(f"{key}: unsupported field type {typ}")  # a bug in this module, not user input

@@ -33,6 +33,7 @@ from .data import Dataset
 from .errors import DataError, VaelensError
 from .evaluate import active_units
 from .posterior import aggregate_posterior
+from .webguard import Guard
 
 # Large data sets are shown as a seeded subsample: a browser draws 5000 points smoothly.
 MAX_MAP_POINTS = 5000
@@ -281,7 +282,7 @@ def _static(name: str) -> bytes:
 
 
 def create_app(vae: VAE, dataset: Dataset, *, max_points: int = MAX_MAP_POINTS, seed: int = 0,
-               allowed_hosts: Optional[list] = None):
+               allowed_hosts: Optional[list] = None, port: Optional[int] = None):
     """The FastAPI application serving the page and the JSON API.
 
     Parameters
@@ -293,8 +294,14 @@ def create_app(vae: VAE, dataset: Dataset, *, max_points: int = MAX_MAP_POINTS, 
         Size and seed of the map's subsample for large sets; the seed also binarizes a binarized
         run's data, once (``vaelens serve --seed``, as every command).
     allowed_hosts : list of str, optional
-        Host headers accepted; the CLI passes the loopback names when bound to loopback,
-        so that another web site cannot reach the API through DNS rebinding.
+        Host names accepted (``localhost``, ``127.0.0.1``, ``[::1]``); others get 400, so that another
+        web site cannot reach the API through DNS rebinding. The CLI always passes a list (see
+        `vaelens.commands.serve.allowed_hosts`); None accepts any Host.
+    port : int, optional
+        The bound port; when given, a Host header must carry it.
+
+    Every request also passes `webguard.Guard`: bodies over 64 KiB are refused (413) before they
+    are read, and every response carries the security headers (CSP, nosniff, frame denial).
 
     Returns
     -------
@@ -306,10 +313,7 @@ def create_app(vae: VAE, dataset: Dataset, *, max_points: int = MAX_MAP_POINTS, 
     explorer = Explorer(vae, dataset, max_points=max_points, seed=seed)
     app = FastAPI(title="vaelens", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.explorer = explorer
-    if allowed_hosts:
-        from starlette.middleware.trustedhost import TrustedHostMiddleware
-
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
+    app.add_middleware(Guard, hosts=None if allowed_hosts is None else list(allowed_hosts), port=port)
     _add_error_handlers(app)
     _add_pages(app)
     _add_api(app, explorer)
@@ -409,7 +413,9 @@ def _add_api(app, explorer: Explorer) -> None:
         return JSONResponse(explorer.draw(req.index, req.n, req.offset, req.seed))
 
     # async: one decode is a millisecond of model time, less than a hop to the thread pool,
-    # and the page keeps at most one decode in flight.
+    # and the page keeps at most one decode in flight. Its body is parsed on the event loop, which
+    # is safe because Guard bounds it to 64 KiB (a few ms of pydantic at most); the other endpoints
+    # are plain `def`, which FastAPI runs in its thread pool.
     @app.post("/api/decode")
     async def decode(req: DecodeRequest):
         return JSONResponse(explorer.decode(req.z))

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from dataclasses import dataclass
 
 from .. import serve as serve_mod
+from .. import webguard
 from ..errors import VaelensError
 from . import _common as common
 from .render import Result
 
 NAME = "serve"
-_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+# Names that always mean this machine's loopback: no one else's DNS can claim them for a rebinding attack.
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 
 
 def add_parser(subparsers):
@@ -25,6 +28,9 @@ def add_parser(subparsers):
     common.add_run_args(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; anything but loopback exposes the page to your network")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="with a non-loopback --host: a further name the page may be opened under (repeatable); "
+                        "the machine's own names and the bound address are always accepted")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
     p.add_argument("--max-points", type=int, default=5000, help="larger data sets are mapped as a seeded subsample")
     p.add_argument("--seed", type=int, default=0, help="seed of that subsample (and a binarized run's binarization)")
@@ -52,6 +58,49 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def bound_address(sock: socket.socket):
+    """The `ipaddress` address a socket is bound to (an IPv4-mapped IPv6 address as its IPv4 one)."""
+    ip = ipaddress.ip_address(str(sock.getsockname()[0]).split("%", 1)[0])  # drop an IPv6 scope id
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip
+
+
+def _literal(ip) -> str:
+    return f"[{ip}]" if ip.version == 6 else str(ip)
+
+
+def _machine_names() -> set:
+    """This machine's host names and the addresses they resolve to (best effort, no network needed)."""
+    names = set()
+    for name in (socket.gethostname(), socket.getfqdn()):
+        if name:
+            names.add(name.lower())
+            try:
+                for *_, addr in socket.getaddrinfo(name, None, type=socket.SOCK_STREAM):
+                    names.add(_literal(ipaddress.ip_address(addr[0].split("%", 1)[0])))
+            except (OSError, UnicodeError, ValueError):
+                pass
+    return names
+
+
+def allowed_hosts(typed: str, ip, extra=()) -> list:
+    """Host names the server answers, decided from the address actually bound (`ip`), not from --host's text.
+
+    Loopback (any spelling: 127.1, LOCALHOST, 127.0.0.2, ::1): the loopback names and what was typed.
+    Otherwise the bound address and the machine's own names; bound to every interface (0.0.0.0, ::)
+    also the loopback names, since loopback then reaches the server too. Always `extra` (--allow-host).
+    """
+    names = {_literal(ip), *LOOPBACK_NAMES} if ip.is_loopback or ip.is_unspecified else {_literal(ip)}
+    text = typed.strip().lower().rstrip(".")
+    names.add(f"[{text}]" if ":" in text and not text.startswith("[") else text)
+    if not ip.is_loopback:
+        names |= _machine_names()
+    names |= {webguard.split_host(h)[0] or h.strip().lower() for h in extra}
+    names.discard("")
+    return sorted(names)
+
+
 @dataclass
 class ServeResult(Result):
     host: str
@@ -64,29 +113,41 @@ class ServeResult(Result):
         return ["stopped"]
 
 
-def run(args) -> ServeResult:
-    serve_mod.require_deps()
-    import uvicorn  # optional dependency (vaelens[serve]); require_deps named the install if missing
+def prepare(args):
+    """Everything `run` does before serving: (listening socket, app, lines to print).
 
+    The socket is bound first, so a busy port is reported before the model and data are loaded.
+    """
     if args.max_points < 1:
         raise VaelensError(f"--max-points must be >= 1, got {args.max_points}")
-    # Bound first: a busy port is reported before the model and data are loaded.
     sock = listen(args.host, args.port)
     try:
         vae, ds = common.load_run_and_data(args)
-        # On loopback only loopback Host headers are answered: a web page elsewhere cannot reach
-        # the API through DNS rebinding.
-        hosts = ["127.0.0.1", "localhost", "[::1]", "::1"] if args.host in _LOOPBACK else None
-        app = serve_mod.create_app(vae, ds, max_points=args.max_points,
-                                   seed=args.seed, allowed_hosts=hosts)
-        port = sock.getsockname()[1]
-        shown = f"[{args.host}]" if ":" in args.host else args.host
+        # Only Host headers naming this server are answered, whatever the address: a web page elsewhere
+        # cannot reach the API through DNS rebinding. Loopback is decided from the bound socket.
+        ip, port = bound_address(sock), sock.getsockname()[1]
+        hosts = allowed_hosts(args.host, ip, args.allow_host)
+        app = serve_mod.create_app(vae, ds, max_points=args.max_points, seed=args.seed,
+                                   allowed_hosts=hosts, port=port)
+    except BaseException:
+        sock.close()
+        raise
+    shown = _literal(ip) if ip.is_loopback or not ip.is_unspecified else args.host
+    lines = [f"vaelens serve: {ds.name}, {ds.n} samples, latent dimension {vae.config_.model.latent_dim}"]
+    if not ip.is_loopback:
+        lines.append(_exposure(ip, port, hosts))
+    lines.append(f"open http://{shown}:{port}/  (Ctrl-C to stop)")
+    return sock, app, lines
+
+
+def run(args) -> ServeResult:
+    serve_mod.require_deps()  # names the install command if fastapi or uvicorn is missing
+    sock, app, lines = prepare(args)
+    port = sock.getsockname()[1]
+    try:
         # printed as it happens: the address must be on screen while the server runs
-        print(f"vaelens serve: {ds.name}, {ds.n} samples, latent dimension {vae.config_.model.latent_dim}")
-        if hosts is None:
-            print(f"listening on {args.host}, not loopback: anyone who can reach this machine can open the page")
-        print(f"open http://{shown}:{port}/  (Ctrl-C to stop)", flush=True)
-        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
+        print("\n".join(lines), flush=True)
+        server = webguard.server(app)
         try:
             server.run(sockets=[sock])
         except KeyboardInterrupt:
@@ -94,3 +155,10 @@ def run(args) -> ServeResult:
     finally:
         sock.close()
     return ServeResult(args.host, port)
+
+
+def _exposure(ip, port: int, hosts) -> str:
+    where = f"every interface ({ip})" if ip.is_unspecified else f"{ip}, not loopback"
+    return (f"listening on {where}: anyone who can reach this machine on port {port} can open the page and "
+            f"read the data through its API (no password, no TLS); it answers only these Host names: "
+            f"{', '.join(hosts)} (add one with --allow-host NAME)")

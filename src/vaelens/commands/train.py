@@ -18,7 +18,7 @@ from typing import List, Optional
 from .. import checkpoint as ck
 from .. import config
 from .. import data as data_mod
-from .. import dist
+from .. import dist, safeio
 from ..config import RunConfig
 from ..errors import ConfigError, VaelensError
 from ..io import check_writable
@@ -66,7 +66,9 @@ def train_config(args) -> RunConfig:
     if args.config is not None:
         if not args.config.exists():
             raise ConfigError(f"{args.config}: no such config file")
-        cfg = RunConfig.from_json(args.config.read_text(), source=str(args.config))
+        # the user's file may be anything (a FIFO, a link to /dev/zero): read it as a run's config is read
+        text = safeio.read_bytes(args.config, safeio.CONFIG_LIMIT, ConfigError).decode("utf-8", errors="replace")
+        cfg = RunConfig.from_json(text, source=str(args.config))
         # the model's size comes from the data again, so the config can be reused on other data
         cfg = cfg.replace(model={"input_dim": None, "image_shape": None},
                           data={"feature_columns": None, "labels": None, "label_kind": None})

@@ -195,7 +195,7 @@ function labelName(label) {
 function renderFeatures() {
   const bar = (v, j) => {
     const lo = S.info.feature_min[j], hi = S.info.feature_max[j], span = hi > lo ? hi - lo : 1;
-    return `<div style="width:${Math.round(90 * Math.min(1, Math.max(0, (v - lo) / span)))}px"></div>`;
+    return `<div data-w="${Math.round(90 * Math.min(1, Math.max(0, (v - lo) / span)))}"></div>`;
   };
   let html = "<table><thead><tr><th>feature</th><th>input x</th><th>reconstruction</th><th>decoded at pointer</th>" +
     "<th></th></tr></thead><tbody>";
@@ -205,6 +205,8 @@ function renderFeatures() {
       `<td class="decoded">${fmt(d)}</td><td class="bar">${d === null ? "" : bar(d, j)}</td></tr>`;
   });
   $("features").innerHTML = html + "</tbody></table>";
+  // widths set through the DOM, not style="" attributes: the Content-Security-Policy forbids inline styles
+  $("features").querySelectorAll("[data-w]").forEach((el) => { el.style.width = el.dataset.w + "px"; });
 }
 
 function escapeHtml(s) {
@@ -381,7 +383,8 @@ function renderLegend() {
   const box = $("legend");
   if (!S.info.labels) { box.textContent = ""; return; }
   box.innerHTML = S.info.labels.map((l, k) =>
-    `<span style="--c:${labelColor(l)}">${escapeHtml(S.info.label_names ? S.info.label_names[k] : l)}</span>`).join("");
+    `<span data-c="${labelColor(l)}">${escapeHtml(S.info.label_names ? S.info.label_names[k] : l)}</span>`).join("");
+  box.querySelectorAll("[data-c]").forEach((el) => el.style.setProperty("--c", el.dataset.c)); // no inline styles (CSP)
 }
 
 // --- start -----------------------------------------------------------------------------------
