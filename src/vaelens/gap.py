@@ -129,6 +129,7 @@ class TruePosterior:
                 "ess_median": float(np.median(self.ess)),
                 "distance_per_dim": self.distance[use].mean(0).tolist(),
                 "std_ratio_per_dim": self.std_ratio[use].mean(0).tolist(),
+                "mean_se_per_dim": (self.mean_se / self.std)[use].mean(0).tolist(),
                 "averaged_over": "reliable samples" if ok.any() else "all samples (none reliable)"}
 
 
