@@ -70,6 +70,32 @@ def _noise(seed: int, start: int, b: int, c: int, like: torch.Tensor) -> torch.T
     return torch.stack([_draw(_row_generator(seed, start + j, like.device), c, like) for j in range(b)], 1)
 
 
+class _Stream:
+    """`total` standard-normal draws for each of rows start..start+b-1, handed out `take(c)` at a time.
+
+    Refilled `_REFILL` draws (a multiple of EPS_BLOCK) at a time from each row's own generator, so a row
+    gets exactly the draws one `_draw(g, total)` call would give, whatever the rows around it, while
+    memory stays at _REFILL x b x d instead of total x b x d.
+    """
+
+    def __init__(self, seed: int, start: int, b: int, total: int, like: torch.Tensor):
+        self.gens = [_row_generator(seed, start + j, like.device) for j in range(b)]
+        self.left, self.like = total, like
+        self.buf = like.new_empty((0, b, like.shape[1]))
+
+    def take(self, c: int) -> torch.Tensor:
+        while len(self.buf) < c and self.left > 0:
+            new = min(_REFILL, self.left)
+            self.left -= new
+            fresh = torch.stack([_draw(g, new, self.like) for g in self.gens], 1)   # (new, b, d)
+            self.buf = torch.cat([self.buf, fresh])
+        out, self.buf = self.buf[:c], self.buf[c:]
+        return out
+
+
+_REFILL = 2 * EPS_BLOCK
+
+
 # --- the true posterior by self-normalized importance sampling ------------------------------
 
 @dataclass(frozen=True)
@@ -281,13 +307,13 @@ def refine(module: VAEModule, x_all: torch.Tensor, steps: int = REFINE_STEPS, *,
         for i in range(0, len(x_all), rows):
             x = x_all[i:i + rows].clone()                                    # (b, p)
             theta = init[:, i:i + rows].clone().requires_grad_(True)         # (2, b, d): m, log s
-            eps = _noise(seed ^ _STREAM_OPT, i, len(x), steps * draws, theta[0].detach())  # (steps * draws, b, d)
+            eps = _Stream(seed ^ _STREAM_OPT, i, len(x), steps * draws, theta[0].detach())
             opt = torch.optim.Adam([theta], lr=lr)
             decay = torch.optim.lr_scheduler.LambdaLR(
                 opt, lambda t: 1 - (1 - REFINE_LR_END) * min(t, steps) / max(steps, 1))
             for t in range(steps):
                 qz = Normal(theta[0], theta[1].exp(), validate_args=False)   # batch (b, d)
-                e = eps[t * draws:(t + 1) * draws]                           # (draws, b, d)
+                e = eps.take(draws)                                          # (draws, b, d)
                 loss = -frozen.draw(x, e, qz=qz, closed_form=True).terms.elbo.sum()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
