@@ -65,6 +65,7 @@ def test_pareto_k_recovers_known_tail_shapes():
 
 
 def test_importance_moments_match_the_exact_posterior(diag_gt):
+    # Shown to fail: the variance without its - mean^2 term (`_Running.finish`).
     gt = diag_gt
     # a proposal wider than p(z|x) in every direction: bounded weights, well-behaved moments
     module = _ppca_module(gt, shift=(0.5, -0.4), scale=(1.5, 1.2))
@@ -90,6 +91,7 @@ def test_importance_moments_match_the_exact_posterior(diag_gt):
 
 
 def test_gaps_on_ppca_are_zero_and_the_kl_to_the_exact_posterior(diag_gt):
+    # Shown to fail: `refine` without `opt.step()` (q* = q: amortization gap 0, not the KL).
     gt = diag_gt
     module = _ppca_module(gt, shift=(0.8, -0.6), scale=(1.5, 1.2))
     x = torch.as_tensor(gt.X[:100])
@@ -114,6 +116,7 @@ def test_gaps_on_ppca_are_zero_and_the_kl_to_the_exact_posterior(diag_gt):
 
 
 def test_correlated_posterior_has_the_best_diagonal_gaussians_gap():
+    # Shown to fail: `refine` without `opt.step()`.
     # non-orthogonal loadings: p(z|x) = N(mu, Sigma) is correlated; the best diagonal Gaussian is
     # N(mu, diag(1 / Lambda_jj)) with Lambda = Sigma^-1, and the approximation gap is its KL to p
     W = np.array([[2.0, 1.2], [0.5, 1.0], [1.0, -0.3], [0.0, 0.8]])
