@@ -400,24 +400,32 @@ class VAE(TransformerMixin, BaseEstimator):
         return point_cloud_check(self.module_, Xt, indices, n_samples=n_samples, seed=seed, level=level,
                                  mu=mu, sigma=sigma)
 
-    def true_posterior(self, X: ArrayLike, k: int = _gap.DEFAULT_K, seed: int = 0) -> "_gap.TruePosterior":
+    def true_posterior(self, X: ArrayLike, k: int = _gap.DEFAULT_K, seed: int = 0,
+                       refine: int = 0) -> "_gap.TruePosterior":
         """What mu(x) and sigma(x) approximate: E_p[z] and Std_p[z] of the model's own posterior
-        p(z|x) ~ p(x|z) p(z), by self-normalized importance sampling with q(z|x) as the proposal and
-        `k` draws per sample (seeded per row), with ESS, Pareto-k reliability flags and the
-        per-dimension distance |mu - E_p[z]| / Std_p[z] and ratio sigma / Std_p[z].
+        p(z|x) ~ p(x|z) p(z), by self-normalized importance sampling with `k` draws per sample (seeded
+        per row), with ESS, Pareto-k reliability flags and the per-dimension distance
+        |mu - E_p[z]| / Std_p[z] and ratio sigma / Std_p[z]. The proposal is the encoder's q(z|x), or
+        with ``refine=N`` > 0 q* after N Adam steps (`encode(refine=N)`), closer to p(z|x).
 
         Returns
         -------
         vaelens.gap.TruePosterior
         """
-        return _gap.true_posterior(self.module_, self._tensor(X, seed), k, seed=seed)
+        if refine < 0:
+            raise ConfigError(f"refine must be >= 0 (Adam steps), got {refine}")
+        Xt = self._tensor(X, seed)
+        proposal = _gap.refine(self.module_, Xt, refine, seed=seed) if refine else None
+        return _gap.true_posterior(self.module_, Xt, k, seed=seed, proposal=proposal)
 
     def inference_gaps(self, X: ArrayLike, k: int = _gap.DEFAULT_K, steps: int = _gap.REFINE_STEPS, seed: int = 0,
                        **kwargs) -> "_gap.InferenceGaps":
         """Per sample: log p(x) (IWAE, k), L[q] of the encoder, L[q*] of the best diagonal Gaussian for
         this x (`steps` Adam steps from the encoder's output), the approximation gap log p(x) - L[q*]
         and the amortization gap L[q*] - L[q], with Monte Carlo standard errors (Cremer et al. 2018).
-        Other keyword arguments (``lr``, ``draws``, ``elbo_draws``) go to `vaelens.gap.inference_gaps`.
+        The importance sampler's proposal is q* (``proposal="refined"``) or the encoder's q
+        (``"encoder"``: log p(x) is then `log_likelihood`'s with the same k and seed). Other keyword
+        arguments (``lr``, ``draws``, ``elbo_draws``, ``proposal``) go to `vaelens.gap.inference_gaps`.
 
         Returns
         -------

@@ -34,6 +34,8 @@ def add_parser(subparsers):
     p.add_argument("--steps", type=int, default=gap_mod.REFINE_STEPS, help="Adam steps for q* (0: q* = q)")
     p.add_argument("--lr", type=float, default=gap_mod.REFINE_LR,
                    help=f"Adam's learning rate for q*, falling linearly to {gap_mod.REFINE_LR_END:g} of it")
+    p.add_argument("--proposal", choices=("refined", "encoder"), default="refined",
+                   help="importance sampler's proposal: q* (closer to p(z|x): more effective draws) or the encoder's q")
     p.add_argument("--seed", type=int, default=0, help="seed of every draw (and a binarized run's binarization)")
     common.add_json_args(p)
     return p
@@ -54,7 +56,8 @@ class GapResult(Result):
         ok = tp.reliable
         use = ok if ok.any() else np.ones_like(ok)
         n, d = tp.mean.shape
-        out = [f"gap {w['run']} on {w['data']} {w['split']}: {n} samples, k = {g.k} importance draws, "
+        out = [f"gap {w['run']} on {w['data']} {w['split']}: {n} samples, k = {g.k} importance draws from "
+               f"{'q*' if tp.proposal == 'refined' else 'q'}, "
                f"q* from {g.steps} Adam steps (lr {g.lr:g}, {g.draws} draws/step), ELBOs on {g.elbo_draws} "
                f"fresh draws",
                f"  {'dim':<4} {'|mu-E_p|/Std_p':>15} {'sigma / Std_p':>14} {'|m*-E_p|/Std_p':>15} "
@@ -68,7 +71,7 @@ class GapResult(Result):
                    f"encoder's q; m*, s*: q*; E_p, Std_p: the true posterior; a distance of about 0.8 MC s.e. "
                    f"is Monte Carlo noise alone)")
         avg = g.averages()
-        rows = (("log p(x) (IWAE)", "log_px"), ("L[q*] (best Gaussian)", "elbo_optimal"),
+        rows = (("log p(x) (IS estimate)", "log_px"), ("L[q*] (best Gaussian)", "elbo_optimal"),
                 ("L[q] (encoder)", "elbo_amortized"), ("approximation gap", "approximation_gap"),
                 ("amortization gap", "amortization_gap"))
         out += [f"  {label:<22} {avg[key]['mean']:10.3f} ± {avg[key]['se']:.3f} nats"
@@ -91,5 +94,6 @@ def run(args) -> GapResult:
         raise VaelensError(f"--lr must be > 0, got {args.lr}")
     json_out = common.check_output(args.json, args.force)
     vae, ds = common.load_run_and_data(args)
-    g = vae.inference_gaps(common.first_rows(ds.X, args.n), k=args.k, steps=args.steps, seed=args.seed, lr=args.lr)
+    g = vae.inference_gaps(common.first_rows(ds.X, args.n), k=args.k, steps=args.steps, seed=args.seed, lr=args.lr,
+                           proposal=args.proposal)
     return GapResult(g, {"run": str(args.run), "data": ds.name, "split": args.split}, json_out)
