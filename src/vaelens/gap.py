@@ -11,16 +11,17 @@ where q* is the best diagonal Gaussian for this x alone (`refine`): no diagonal 
 p(z|x) (the first), and one network serves every x (the second). Both gaps are KL divergences:
 log p(x) - L[q] = KL(q || p(z|x)).
 
-* `true_posterior`: self-normalized importance sampling with q(z|x) as the proposal gives
+* `true_posterior`: self-normalized importance sampling with q(z|x) (or q*) as the proposal gives
   E_p[z], Std_p[z] per sample, their Monte Carlo errors, the effective sample size and the
   Pareto-k diagnostic of the largest weights (Vehtari et al., "Pareto smoothed importance
-  sampling"); the same weights give the IWAE estimate of log p(x) (Burda et al. 2016), draw for
-  draw the one `evaluate.iwae_log_likelihood` computes with the same seed.
+  sampling"); the same weights give an importance-weighted estimate of log p(x) (Burda et al.
+  2016), with q as the proposal draw for draw the one `evaluate.iwae_log_likelihood` computes.
 * `refine`: q* by Adam on a seeded reparameterized Monte Carlo ELBO, per sample, in one batched
   tensor, started from the encoder (Kim et al. 2018's semi-amortized inference, without the
   backward pass into the encoder).
 * `inference_gaps`: log p(x), L[q], L[q*] and the gaps per sample, with standard errors. L[q*] is
-  evaluated on fresh noise, independent of the optimization's, so it is not optimistically biased.
+  evaluated on fresh noise, independent of the optimization's, so it is not optimistically biased;
+  the importance sampler's proposal is q* by default (closer to p(z|x): more effective draws).
 
 Per sample first: (n,) and (n, d) arrays; tensors inside, numpy outside.
 """
