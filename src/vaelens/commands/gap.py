@@ -21,7 +21,8 @@ def add_parser(subparsers):
         subparsers, NAME,
         help="true posterior vs mu(x), sigma(x): approximation and amortization gaps per sample",
         description="For the first --n samples: the model's true posterior p(z|x) ~ p(x|z) p(z) by importance "
-                    "sampling with q(z|x) as the proposal (k draws; ESS and Pareto-k flag unreliable samples); "
+                    "sampling (k draws from q* or, with --proposal encoder, from q(z|x); ESS and Pareto-k flag "
+                    "unreliable samples); "
                     "per latent, how far mu(x) is from E_p[z] in true stds and sigma(x) / Std_p[z]; the best "
                     "diagonal Gaussian q* per sample (Adam on a Monte Carlo ELBO from the encoder's output, "
                     "--steps steps); and log p(x) - L[q] split into the approximation gap log p(x) - L[q*] and "
