@@ -153,6 +153,7 @@ OUTPUTS = [
     ("posterior", ["RUN"], "--json", "o.json"),
     ("symmetry", ["RUN"], "--json", "o.json"),
     ("compare", ["RUN", "RUN"], "--json", "o.json"),
+    ("gap", ["RUN"], "--json", "o.json"),
 ]
 
 

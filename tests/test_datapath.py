@@ -88,6 +88,9 @@ METHODS = {
     "symmetry": lambda v, X, s: v.symmetry(X, seed=s, n_rotations=1, n_samples=2),
     "reconstruct": lambda v, X, s: v.reconstruct(X, seed=s),
     "aggregate_posterior": lambda v, X, s: v.aggregate_posterior(X, seed=s),
+    "true_posterior": lambda v, X, s: v.true_posterior(X, k=8, seed=s),
+    "inference_gaps": lambda v, X, s: v.inference_gaps(X, k=8, steps=2, seed=s, elbo_draws=4),
+    "encode_refine": lambda v, X, s: v.encode(X, seed=s, refine=2),
 }
 
 

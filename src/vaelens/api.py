@@ -22,6 +22,7 @@ from sklearn.base import BaseEstimator, TransformerMixin
 
 from . import checkpoint as ck
 from . import data as data_mod
+from . import gap as _gap
 from .config import DataConfig, ModelConfig, RunConfig, TrainConfig, options
 from .data import Dataset
 from .errors import ConfigError, DataError, VaelensError
@@ -268,12 +269,20 @@ class VAE(TransformerMixin, BaseEstimator):
         return torch.as_tensor(self.model_input(X, seed), device=self.device_)
 
     # --- inference -------------------------------------------------------------------------
-    def encode(self, X: ArrayLike, batch_size: int = 4096, seed: Optional[int] = 0) -> Posterior:
+    def encode(self, X: ArrayLike, batch_size: int = 4096, seed: Optional[int] = 0, refine: int = 0) -> Posterior:
         """Per-sample posterior q(z|x): mu and sigma of shape (n, d), float32.
 
-        `seed` only binarizes X for a binarized run (see `model_input`); encoding draws nothing.
+        `seed` binarizes X for a binarized run (see `model_input`); plain encoding draws nothing.
+        With ``refine=N`` > 0 the semi-amortized posterior: each sample's Gaussian is started at the
+        encoder's mu, sigma and improved by N Adam steps on its own seeded Monte Carlo ELBO for the
+        fixed decoder (`vaelens.gap.refine`; `seed` also seeds those draws), towards q*(z|x).
         """
+        if refine < 0:
+            raise ConfigError(f"refine must be >= 0 (Adam steps), got {refine}")
         Xt = self._tensor(X, seed)
+        if refine:
+            loc, scale = _gap.refine(self.module_, Xt, refine, seed=0 if seed is None else seed)
+            return Posterior(mu=loc.cpu().numpy().astype(np.float32), sigma=scale.cpu().numpy().astype(np.float32))
         mu, sigma = _encode_all(self.module_, Xt, batch_size=batch_size)
         return Posterior(mu=mu.astype(np.float32), sigma=sigma.astype(np.float32))
 
@@ -390,6 +399,39 @@ class VAE(TransformerMixin, BaseEstimator):
             indices = np.sort(np.random.default_rng(seed).choice(len(Xt), size=min(n, len(Xt)), replace=False))
         return point_cloud_check(self.module_, Xt, indices, n_samples=n_samples, seed=seed, level=level,
                                  mu=mu, sigma=sigma)
+
+    def true_posterior(self, X: ArrayLike, k: int = _gap.DEFAULT_K, seed: int = 0,
+                       refine: int = 0) -> "_gap.TruePosterior":
+        """What mu(x) and sigma(x) approximate: E_p[z] and Std_p[z] of the model's own posterior
+        p(z|x) ~ p(x|z) p(z), by self-normalized importance sampling with `k` draws per sample (seeded
+        per row), with ESS, Pareto-k reliability flags and the per-dimension distance
+        |mu - E_p[z]| / Std_p[z] and ratio sigma / Std_p[z]. The proposal is the encoder's q(z|x), or
+        with ``refine=N`` > 0 q* after N Adam steps (`encode(refine=N)`), closer to p(z|x).
+
+        Returns
+        -------
+        vaelens.gap.TruePosterior
+        """
+        if refine < 0:
+            raise ConfigError(f"refine must be >= 0 (Adam steps), got {refine}")
+        Xt = self._tensor(X, seed)
+        proposal = _gap.refine(self.module_, Xt, refine, seed=seed) if refine else None
+        return _gap.true_posterior(self.module_, Xt, k, seed=seed, proposal=proposal)
+
+    def inference_gaps(self, X: ArrayLike, k: int = _gap.DEFAULT_K, steps: int = _gap.REFINE_STEPS, seed: int = 0,
+                       **kwargs) -> "_gap.InferenceGaps":
+        """Per sample: log p(x) (IWAE, k), L[q] of the encoder, L[q*] of the best diagonal Gaussian for
+        this x (`steps` Adam steps from the encoder's output), the approximation gap log p(x) - L[q*]
+        and the amortization gap L[q*] - L[q], with Monte Carlo standard errors (Cremer et al. 2018).
+        The importance sampler's proposal is q* (``proposal="refined"``) or the encoder's q
+        (``"encoder"``: log p(x) is then `log_likelihood`'s with the same k and seed). Other keyword
+        arguments (``lr``, ``draws``, ``elbo_draws``, ``proposal``) go to `vaelens.gap.inference_gaps`.
+
+        Returns
+        -------
+        vaelens.gap.InferenceGaps
+        """
+        return _gap.inference_gaps(self.module_, self._tensor(X, seed), k, steps, seed=seed, **kwargs)
 
     def aggregate_posterior(self, X: ArrayLike, seed: Optional[int] = 0):
         """The data set's latent distribution q(z) = mean_x q(z|x): mean, covariance and variance split.
