@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -150,6 +151,12 @@ class TrainConfig:
     bf16: bool = _opt(False, "bf16 autocast for training (CUDA, or a CPU with native bf16)", group="training")
 
     def validate(self, prefix: str = "train") -> None:
+        # inf and nan pass the range checks below (inf > 0; nan < 0 is False) and make training diverge
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                flag = "--" + f.name.replace("_", "-")
+                raise ConfigError(f"{prefix}.{f.name} ({flag}) must be a finite number, got {value}")
         _positive_int(f"{prefix}.epochs", self.epochs)
         _positive_int(f"{prefix}.batch_size", self.batch_size)
         _positive_int(f"{prefix}.iw_samples", self.iw_samples)
