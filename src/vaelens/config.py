@@ -253,7 +253,12 @@ class RunConfig:
 
 # Defaults that depend on the built-in data set, applied where neither a flag nor a --config gave
 # the value. Keys are "section.field"; the help of each flag lists them beside the plain default.
+# "file" is any data file (a user's table): small tables overfit the built-in sets' defaults within tens
+# of epochs, so a file trains until its validation loss stops improving (benchmarks/tables.py measures
+# these against factor analysis; docs/benchmarks.md).
 DATASET_DEFAULTS = {
+    "file": {"train.epochs": 3000, "train.patience": 100, "train.batch_size": 32, "train.optimizer": "adamw",
+             "train.weight_decay": 0.01, "model.hidden": (64,), "model.latent_dim": 16},
     "digits": {"train.epochs": 200},
     "mnist": {"train.epochs": 50, "data.binarize": "dynamic"},
     "fashion-mnist": {"train.epochs": 50},
@@ -324,7 +329,7 @@ def options(section: Optional[str] = None, role: Optional[str] = "option") -> Tu
 
 
 def dataset_defaults(name: Optional[str]) -> dict:
-    """{section: {field: value}} of the data set's own defaults (`DATASET_DEFAULTS`); {} for files."""
+    """{section: {field: value}} of the data set's own defaults (`DATASET_DEFAULTS`; "file" for data files)."""
     out: dict = {"data": {}, "model": {}, "train": {}}
     for key, value in DATASET_DEFAULTS.get(name or "", {}).items():
         sec, fname = key.split(".")
