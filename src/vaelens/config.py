@@ -258,7 +258,7 @@ class RunConfig:
 # these against factor analysis; docs/benchmarks.md).
 DATASET_DEFAULTS = {
     "file": {"train.epochs": 3000, "train.patience": 100, "train.batch_size": 32, "train.optimizer": "adamw",
-             "train.weight_decay": 0.01, "model.hidden": (64,), "model.latent_dim": 16},
+             "train.weight_decay": 0.01, "model.hidden": (128,), "model.latent_dim": 32},
     "digits": {"train.epochs": 200},
     "mnist": {"train.epochs": 50, "data.binarize": "dynamic"},
     "fashion-mnist": {"train.epochs": 50},

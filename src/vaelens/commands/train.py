@@ -52,8 +52,9 @@ def add_parser(subparsers):
     g = p.add_argument_group("output")
     g.add_argument("--out", type=Path, help="run directory (default runs/<data>-<time>)")
     g.add_argument("--config", type=Path, help="start from this config.json; flags override it")
-    g.add_argument("--resume", type=Path, metavar="RUN", help="continue the run in RUN from its newest checkpoint; only --epochs (more), "
-                        "--patience and --device may change, and each change is recorded in RUN/resumes.json")
+    g.add_argument("--resume", type=Path, metavar="RUN",
+                   help="continue the run in RUN from its newest checkpoint; only --epochs (more), --patience and "
+                        "--device may change, and each change is recorded in RUN/resumes.json")
     g.add_argument("--force", action="store_true", help="replace an existing run directory")
     g.add_argument("--checkpoint-every", type=float, default=10.0, metavar="SECONDS",
                    help="write a resumable checkpoint at the end of an epoch once this many seconds have passed "
