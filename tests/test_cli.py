@@ -127,7 +127,7 @@ def test_table_training_end_to_end(tmp_path, table_data):
     rows = [",".join(f"{v:.5f}" for v in r) + f",{'ab'[i % 2]}" for i, r in enumerate(table_data)]
     (tmp_path / "t.csv").write_text(header + "\n" + "\n".join(rows) + "\n")
     run("train", "--data", tmp_path / "t.csv", "--label-column", "label", "--likelihood", "gaussian",
-        "--standardize", "--epochs", "3", "--out", tmp_path / "r", check_rc=0)
+        "--standardize", "--epochs", "3", "--latent-dim", "8", "--out", tmp_path / "r", check_rc=0)
     run("encode", tmp_path / "r", "--out", tmp_path / "p.npz", check_rc=0)
     z = np.load(tmp_path / "p.npz")
     assert z["mu"].shape == (600, 8) and z["label"].tolist() == ["ab"[i % 2] for i in range(600)]  # as written
@@ -259,8 +259,9 @@ def test_train_flags_are_generated_from_the_config():
             if opt.choices:
                 assert tuple(action.choices) == opt.choices
     text = " ".join(p.format_help().split())
-    assert "--latent-dim D latent dimensions d (default: 8)" in text
-    assert "(default: 50; digits 200, mnist 50" in text and "(default: none; mnist dynamic)" in text
+    # a data file's own defaults (issue 17) are listed beside the plain default, like the built-in sets'
+    assert "--latent-dim D latent dimensions d (default: 8; file 32)" in text
+    assert "(default: 50; file 3000, digits 200, mnist 50" in text and "(default: none; mnist dynamic)" in text
 
 
 def test_train_config_applies_the_data_sets_defaults_once():

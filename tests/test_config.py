@@ -82,7 +82,9 @@ def test_options_list_every_user_setting_once():
 def test_dataset_defaults_come_from_one_table():
     assert config.dataset_defaults("digits")["train"] == {"epochs": 200}
     assert config.dataset_defaults("mnist")["data"] == {"binarize": "dynamic"}
-    assert config.dataset_defaults("file") == {"data": {}, "model": {}, "train": {}}
+    # a data file's own defaults (early stopping) are in the same table (issue 17 item 6)
+    assert config.dataset_defaults("file")["train"]["patience"] == config.DATASET_DEFAULTS["file"]["train.patience"]
+    assert config.dataset_defaults("array") == {"data": {}, "model": {}, "train": {}}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -203,6 +203,12 @@ class TrainConfig:
     bf16: bool = _opt(False, "bf16 autocast for training (CUDA, or a CPU with native bf16)", group="training")
 
     def validate(self, prefix: str = "train") -> None:
+        # inf and nan pass the range checks below (inf > 0; nan < 0 is False) and make training diverge
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                flag = "--" + f.name.replace("_", "-")
+                raise ConfigError(f"{prefix}.{f.name} ({flag}) must be a finite number, got {value}")
         _positive_int(f"{prefix}.epochs", self.epochs)
         _positive_int(f"{prefix}.batch_size", self.batch_size)
         _positive_int(f"{prefix}.iw_samples", self.iw_samples)
@@ -296,7 +302,12 @@ class RunConfig:
 
 # Defaults that depend on the built-in data set, applied where neither a flag nor a --config gave
 # the value. Keys are "section.field"; the help of each flag lists them beside the plain default.
+# "file" is any data file (a user's table): small tables overfit the built-in sets' defaults within tens
+# of epochs, so a file trains until its validation loss stops improving (benchmarks/tables.py measures
+# these against factor analysis; docs/benchmarks.md).
 DATASET_DEFAULTS = {
+    "file": {"train.epochs": 3000, "train.patience": 100, "train.batch_size": 32, "train.optimizer": "adamw",
+             "train.weight_decay": 0.01, "model.hidden": (128,), "model.latent_dim": 32},
     "digits": {"train.epochs": 200},
     "mnist": {"train.epochs": 50, "data.binarize": "dynamic"},
     "fashion-mnist": {"train.epochs": 50},
@@ -367,7 +378,7 @@ def options(section: Optional[str] = None, role: Optional[str] = "option") -> Tu
 
 
 def dataset_defaults(name: Optional[str]) -> dict:
-    """{section: {field: value}} of the data set's own defaults (`DATASET_DEFAULTS`); {} for files."""
+    """{section: {field: value}} of the data set's own defaults (`DATASET_DEFAULTS`; "file" for data files)."""
     out: dict = {"data": {}, "model": {}, "train": {}}
     for key, value in DATASET_DEFAULTS.get(name or "", {}).items():
         sec, fname = key.split(".")

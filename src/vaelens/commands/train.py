@@ -15,16 +15,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
+from .. import advice
 from .. import checkpoint as ck
 from .. import config
 from .. import data as data_mod
 from .. import dist, safeio
 from ..config import RunConfig
-from ..errors import ConfigError, VaelensError
+from ..errors import ConfigError, TrainingDiverged, VaelensError
 from ..io import check_writable
 from ..report import Report, build_report
 from ..train import TrainResult, fit, prepare
 from . import _common as common
+from . import _resume
 from .render import Result
 
 NAME = "train"
@@ -36,6 +38,7 @@ _EPILOG = """examples:
   vaelens train --data table.csv --likelihood gaussian --standardize --label-column class
   vaelens train --seeds 0,1,2 --out runs/seeds    # one run per seed, for `vaelens compare`
   vaelens train --resume runs/digits-...         # continue a stopped run
+  vaelens train --resume runs/t-... --epochs 400 # train a finished run longer (recorded in RUN/resumes.json)
 """
 
 
@@ -49,7 +52,9 @@ def add_parser(subparsers):
     g = p.add_argument_group("output")
     g.add_argument("--out", type=Path, help="run directory (default runs/<data>-<time>)")
     g.add_argument("--config", type=Path, help="start from this config.json; flags override it")
-    g.add_argument("--resume", type=Path, metavar="RUN", help="continue the run in RUN from its newest checkpoint")
+    g.add_argument("--resume", type=Path, metavar="RUN",
+                   help="continue the run in RUN from its newest checkpoint; only --epochs (more), --patience and "
+                        "--device may change, and each change is recorded in RUN/resumes.json")
     g.add_argument("--force", action="store_true", help="replace an existing run directory")
     g.add_argument("--checkpoint-every", type=float, default=10.0, metavar="SECONDS",
                    help="write a resumable checkpoint at the end of an epoch once this many seconds have passed "
@@ -122,13 +127,16 @@ class TrainedRun:
     result: TrainResult
     seconds: float
     report: Optional[Report] = None
+    resumed: Optional[dict] = None  # this invocation's entry of RUN/resumes.json
+    advice: List[str] = field(default_factory=list)  # warnings about the finished run (vaelens.advice)
 
     def to_dict(self) -> dict:
         r = self.result
         return {"run": str(self.run_dir), "epochs_run": r.epochs_run, "stopped_early": r.stopped_early,
                 "best_epoch": r.best_epoch, "best_val_loss": r.best_val_loss, "interrupted": r.interrupted,
                 "seconds": round(self.seconds, 3), "last_epoch": r.history[-1] if r.history else None,
-                "report": None if self.report is None else str(self.report.path)}
+                "report": None if self.report is None else str(self.report.path),
+                "resumed": self.resumed, "warnings": self.advice}
 
     def lines(self) -> List[str]:
         r = self.result
@@ -136,7 +144,7 @@ class TrainedRun:
             return [f"stopped by {r.interrupted} at epoch {r.epochs_run + 1}; checkpoint saved. "
                     f"Continue with: vaelens train --resume {self.run_dir}"]
         last = r.history[-1] if r.history else {}
-        out = [f"run: {self.run_dir}",
+        out = [f"run: {self.run_dir}"] + ([f"  {_resume.describe(self.resumed)}"] if self.resumed else []) + [
                f"  epochs {r.epochs_run}{' (early stop)' if r.stopped_early else ''}, "
                f"{self.seconds:.1f} s; best epoch {r.best_epoch}"]
         if last:
@@ -173,23 +181,38 @@ class TrainOutcome(Result):
 
 # --- running ------------------------------------------------------------------------------------
 
-def _plan(args, info):
-    """[(run_dir, cfg)], the training data, {0: prepared data of the first run} and whether resuming."""
+@dataclass
+class _Plan:
+    runs: list  # [(run_dir, cfg)]
+    ds: object  # the training data set
+    prepared: dict  # {0: prepared data of the first run}
+    resumed: Optional[dict] = None  # --resume: this invocation's record (RUN/resumes.json); {} on other ranks
+    made: bool = False  # whether this invocation creates the run directory (so may remove it again)
+
+
+def _plan_resume(args, info) -> _Plan:
+    run_dir = args.resume
+    cfg = ck.load_config(run_dir)
+    check_writable(run_dir, folder=True)
+    cfg, changes = _resume.resumed_config(args, run_dir, cfg)
+    ds = data_mod.load(cfg.data, "train")
+    # the run's transform and sizes are kept, so resumed data is prepared exactly as before
+    cfg, X, X_val = prepare(cfg, ds)
+    entry = {}
+    if info.is_main:
+        if changes:
+            ck.save_config(run_dir, cfg)  # explicitly, and recorded beside it in RUN/resumes.json
+        entry = _resume.record(run_dir, changes)
+    return _Plan([(run_dir, cfg)], ds, {0: (cfg, X, X_val)}, resumed=entry)
+
+
+def _plan(args, info) -> _Plan:
     if args.resume is not None:
-        run_dir = args.resume
-        cfg = ck.load_config(run_dir)
-        check_writable(run_dir, folder=True)
-        if args.epochs is not None:
-            cfg = cfg.replace(train={"epochs": args.epochs})
-        ds = data_mod.load(cfg.data, "train")
-        # the run's transform and sizes are kept, so resumed data is prepared exactly as before
-        cfg, X, X_val = prepare(cfg, ds)
-        if info.is_main:
-            ck.save_config(run_dir, cfg)
-        return [(run_dir, cfg)], ds, {0: (cfg, X, X_val)}, True
+        return _plan_resume(args, info)
     cfg = train_config(args)
     out = args.out if args.out is not None else default_out(cfg)
     check_run_dir(out, args.force)
+    made = not out.exists() or (args.force and any(out.iterdir()))
     seeds = args.seeds or (cfg.train.seed,)
     runs = [(out / f"seed-{s}" if args.seeds else out, cfg.replace(train={"seed": s})) for s in seeds]
     ds = data_mod.load(cfg.data, "train")
@@ -197,7 +220,7 @@ def _plan(args, info):
     prepared = {0: prepare(runs[0][1], ds)}
     if info.is_main and out.exists() and any(out.iterdir()):
         shutil.rmtree(out)  # check_run_dir allowed it: --force, and a vaelens run directory
-    return runs, ds, prepared, False
+    return _Plan(runs, ds, prepared, made=made or bool(args.seeds))
 
 
 def _warn(message, *_args, **_kw) -> None:
@@ -205,26 +228,65 @@ def _warn(message, *_args, **_kw) -> None:
     print(f"vaelens train: warning: {message}", file=sys.stderr)
 
 
+# what `fit` writes into a run directory before its first checkpoint
+_EARLY_FILES = {ck.CONFIG, ck.METRICS, ck.CHECKSUMS, ck.WEIGHTS, ck.SUMMARY, ck.CKPT_DIR}
+
+
+def _after_divergence(run_dir: Path, made: bool, cfg: RunConfig) -> str:
+    """Remove what a run that diverged before its first checkpoint wrote, so that the same command can run
+    again; the sentence that says so and how to retry ("" when a checkpoint is kept: resuming is the way)."""
+    if ck.checkpoint_candidates(run_dir) or not run_dir.is_dir():
+        return ""
+    entries = list(run_dir.iterdir())
+    if any(p.name not in _EARLY_FILES for p in entries):
+        return f" {run_dir} holds files vaelens did not write, so it is left as it is; retry with another --out."
+    if made:
+        shutil.rmtree(run_dir)
+    else:  # the user's own (empty) folder: keep it, empty again
+        for p in entries:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    lower = cfg.train.lr / 10
+    return (f" {run_dir} held no checkpoint and was removed, so the same command can run again: retry it with "
+            f"--lr {lower:g}" + ("" if cfg.train.grad_clip else " and/or --grad-clip 1.0")
+            + ("" if cfg.data.standardize or cfg.model.likelihood != "gaussian" else " and/or --standardize") + ".")
+
+
+def _fit_one(args, plan: _Plan, run_dir: Path, rcfg: RunConfig, X, X_val, info) -> TrainResult:
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _warn
+            return fit(rcfg, X, X_val, run_dir=run_dir, resume=plan.resumed is not None,
+                       progress=False if args.no_progress else None, handle_signals=True,
+                       checkpoint_interval_s=args.checkpoint_every)
+    except TrainingDiverged as e:
+        if plan.resumed is not None or not info.is_main:
+            raise
+        raise TrainingDiverged(f"{e}{_after_divergence(Path(run_dir), plan.made, rcfg)}") from None
+
+
 def run(args) -> TrainOutcome:
     info = dist.env_info()
-    runs, ds, prepared, resume = _plan(args, info)
-    if not resume and info.is_main:
+    plan = _plan(args, info)
+    ds = plan.ds
+    if plan.resumed is None and info.is_main:
         shape = f", images {'x'.join(map(str, ds.image_shape))}" if ds.image_shape else ""
         print(f"data: {ds.name} ({ds.n} samples, {ds.p} features{shape})", flush=True)
         common.show_notes(ds)
     outcome = TrainOutcome()
-    for i, (run_dir, rcfg) in enumerate(runs):
-        rcfg, X, X_val = prepared.pop(i) if i in prepared else prepare(rcfg, ds)
+    for i, (run_dir, rcfg) in enumerate(plan.runs):
+        rcfg, X, X_val = plan.prepared.pop(i) if i in plan.prepared else prepare(rcfg, ds)
         t0 = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.showwarning = _warn
-            result = fit(rcfg, X, X_val, run_dir=run_dir, resume=resume,
-                         progress=False if args.no_progress else None, handle_signals=True,
-                         checkpoint_interval_s=args.checkpoint_every)
-        done = TrainedRun(run_dir, result, time.perf_counter() - t0)
+        result = _fit_one(args, plan, run_dir, rcfg, X, X_val, info)
+        done = TrainedRun(run_dir, result, time.perf_counter() - t0, resumed=plan.resumed or None)
         outcome.runs.append(done)
         if result.interrupted:
             break
+        if info.is_main:
+            if plan.resumed:
+                _resume.add_to_summary(run_dir)
+            done.advice = advice.advise(rcfg, result, X, feature_names=ds.feature_names, run_dir=run_dir)
+            for line in done.advice:
+                _warn(line)
         if args.report and info.is_main:
             done.report = build_report(run_dir, ds)
     return outcome
