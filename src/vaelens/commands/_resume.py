@@ -27,7 +27,9 @@ RESUMES = "resumes.json"
 RESUMABLE = ("train.epochs", "train.patience", "train.device")
 # flags of `vaelens train` that only make sense for a new run
 _NEW_RUN_FLAGS = (("config", "--config"), ("out", "--out"), ("seeds", "--seeds"), ("force", "--force"))
-_SOURCE_FIELDS = ("name", "path", "key", "columns", "label_column", "data_dir")
+# how the data file is read (delimiter, missing values, id columns ...): the run's weights were fitted to
+# what those settings made of the file; the data set itself (name, path) is compared on its own
+_SOURCE_FIELDS = tuple(o.name for o in config.options("data", role="source") if o.name not in ("name", "path"))
 
 
 def _shown(value) -> str:
@@ -54,7 +56,7 @@ def refusals(args, cfg: RunConfig) -> List[str]:
     data = common.data_config(args, base=cfg.data)
     if data.name != cfg.data.name or _where(data.path) != _where(cfg.data.path):
         out.append(f"data ({_data_shown(data)} given, run used {_data_shown(cfg.data)})")
-    for name in _SOURCE_FIELDS[2:]:
+    for name in _SOURCE_FIELDS:
         new, old = getattr(data, name), getattr(cfg.data, name)
         if new != old:
             out.append(f"{name} ({_shown(new)} given, run used {_shown(old)})")
