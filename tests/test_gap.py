@@ -212,3 +212,20 @@ def test_cli_gap_and_encode_refine(digits_run, tmp_path, capsys):
     assert "refined" in capsys.readouterr().out
     assert main(["encode", str(digits_run), "--out", str(tmp_path / "x.npz"), "--refine", "-1"]) == 2
     assert math.isfinite(np.load(enc)["sigma"].sum())
+
+
+def test_posterior_cloud_keeps_true_posteriors_draws_and_weights(digits_vae):
+    vae, X = digits_vae
+    for refine_steps in (0, 40):
+        tp = vae.true_posterior(X[:3], k=300, seed=2, refine=refine_steps)
+        c = vae.posterior_cloud(X[:3], k=300, seed=2, refine=refine_steps)
+        assert c.z.shape == (3, 300, vae.latent_dim_) and c.weights.shape == (3, 300)
+        np.testing.assert_allclose(c.weights.sum(1), 1.0, atol=1e-12)
+        # the same noise, proposal and weights as the running sums: the same E_p[z] and ESS
+        np.testing.assert_allclose(c.mean, tp.mean, atol=1e-5)
+        np.testing.assert_allclose(1 / np.square(c.weights).sum(1), tp.ess, rtol=1e-4)
+        np.testing.assert_allclose(c.mu, tp.mu, atol=1e-6)
+        assert c.proposal == ("refined" if refine_steps else "encoder")
+    np.testing.assert_allclose(c.loc, vae.encode(X[:3], refine=40, seed=2).mu, atol=1e-5)
+    # one row alone gets row 0's stream: the first row's cloud again
+    np.testing.assert_allclose(vae.posterior_cloud(X[:1], k=300, seed=2, refine=40).z[0], c.z[0], atol=1e-6)

@@ -418,6 +418,23 @@ class VAE(TransformerMixin, BaseEstimator):
         proposal = _gap.refine(self.module_, Xt, refine, seed=seed) if refine else None
         return _gap.true_posterior(self.module_, Xt, k, seed=seed, proposal=proposal)
 
+    def posterior_cloud(self, X: ArrayLike, k: int = _gap.DEFAULT_K, seed: int = 0,
+                        refine: int = 0) -> "_gap.PosteriorCloud":
+        """The importance-weighted cloud behind `true_posterior` for a few samples: per sample the k
+        draws (n, k, d) and their normalized weights (n, k), with the proposal's and the encoder's
+        mean and std. With the same X, k, seed and refine its weighted mean is `true_posterior`'s
+        mean; with ``refine=N`` the proposal is q* after N Adam steps (`encode(refine=N)`).
+
+        Returns
+        -------
+        vaelens.gap.PosteriorCloud
+        """
+        if refine < 0:
+            raise ConfigError(f"refine must be >= 0 (Adam steps), got {refine}")
+        Xt = self._tensor(X, seed)
+        proposal = _gap.refine(self.module_, Xt, refine, seed=seed) if refine else None
+        return _gap.posterior_cloud(self.module_, Xt, k, seed=seed, proposal=proposal)
+
     def inference_gaps(self, X: ArrayLike, k: int = _gap.DEFAULT_K, steps: int = _gap.REFINE_STEPS, seed: int = 0,
                        **kwargs) -> "_gap.InferenceGaps":
         """Per sample: log p(x) (IWAE, k), L[q] of the encoder, L[q*] of the best diagonal Gaussian for

@@ -22,6 +22,8 @@ log p(x) - L[q] = KL(q || p(z|x)).
 * `inference_gaps`: log p(x), L[q], L[q*] and the gaps per sample, with standard errors. L[q*] is
   evaluated on fresh noise, independent of the optimization's, so it is not optimistically biased;
   the importance sampler's proposal is q* by default (closer to p(z|x): more effective draws).
+* `posterior_cloud`: the same draws and normalized weights for a few samples, kept for plotting
+  (the report's "true posterior" section, the explorer's panel).
 
 Per sample first: (n,) and (n, d) arrays; tensors inside, numpy outside.
 """
@@ -292,6 +294,69 @@ def true_posterior(module: VAEModule, x_all: torch.Tensor, k: int = DEFAULT_K, s
                          mean_se=cat["mean_se"], std_se=cat["std_se"], ess=cat["ess"],
                          pareto_k=pareto_k(cat["top"].T), log_px=cat["log_px"], log_px_se=cat["log_px_se"],
                          mu=mu, sigma=sigma, k=k, proposal="encoder" if proposal is None else "refined")
+
+
+@dataclass(frozen=True)
+class PosteriorCloud:
+    """The importance-weighted draws behind `true_posterior`'s moments, for a few samples (to plot).
+
+    Attributes
+    ----------
+    z : ndarray of shape (n, k, d)
+        The proposal's draws, row r's noise from the stream (seed, r) exactly as `true_posterior`'s.
+    weights : ndarray of shape (n, k)
+        Self-normalized importance weights p(x, z) / proposal(z), each row summing to 1.
+    loc, scale : ndarray of shape (n, d)
+        The proposal: the encoder's q, or q* (`refine`).
+    mu, sigma : ndarray of shape (n, d)
+        The encoder's q(z|x).
+    k : int
+    proposal : {"encoder", "refined"}
+    """
+
+    z: np.ndarray
+    weights: np.ndarray
+    loc: np.ndarray
+    scale: np.ndarray
+    mu: np.ndarray
+    sigma: np.ndarray
+    k: int
+    proposal: str = "encoder"
+
+    @property
+    def mean(self) -> np.ndarray:
+        """(n, d): sum_i wbar_i z_i, `true_posterior`'s E_p[z] from the same draws (up to float rounding)."""
+        return np.einsum("nk,nkd->nd", self.weights, self.z)
+
+
+def posterior_cloud(module: VAEModule, x_all: torch.Tensor, k: int = DEFAULT_K, seed: int = 0,
+                    proposal: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> PosteriorCloud:
+    """The k draws and normalized weights per row of x_all (n, p) that `true_posterior` folds into
+    running sums: the same noise, proposal and log-weights, kept instead of summed. Memory is
+    n x k x d, so this is for the few samples a figure or the explorer shows, not a data set.
+    """
+    if k < 2:
+        raise ConfigError(f"k (importance samples) must be >= 2, got {k}")
+    batch, chunk = _chunks(len(x_all), k)
+    out = {key: [] for key in ("z", "w", "loc", "scale", "mu", "sigma")}
+    module.eval()
+    with torch.inference_mode():
+        for i in range(0, len(x_all), batch):
+            x = x_all[i:i + batch]                                           # (b, p)
+            q = module.inference(x)                                          # batch (b, d)
+            qz = q if proposal is None else Normal(proposal[0][i:i + batch], proposal[1][i:i + batch],
+                                                   validate_args=False)
+            # one _draw(g, k) per row equals true_posterior's chunked draws: chunk is a multiple of EPS_BLOCK
+            eps = _noise(seed, i, len(x), k, qz.loc)                         # (k, b, d)
+            lw = torch.cat([module.draw(x, eps[j:j + chunk], qz=qz, weights=True, closed_form=True).log_w
+                            for j in range(0, k, chunk)])                    # (k, b)
+            out["w"].append(torch.softmax(lw.double(), 0).T)                 # (b, k)
+            out["z"].append((qz.loc + eps * qz.scale).transpose(0, 1).double())   # (b, k, d)
+            for key, v in (("loc", qz.loc), ("scale", qz.scale), ("mu", q.loc), ("sigma", q.scale)):
+                out[key].append(v.double())
+    a = {key: torch.cat(v).cpu().numpy() for key, v in out.items()}
+    return PosteriorCloud(z=a["z"], weights=a["w"], loc=a["loc"], scale=a["scale"], mu=a["mu"], sigma=a["sigma"],
+                          k=k, proposal="encoder" if proposal is None else "refined")
 
 
 # --- q*: the best diagonal Gaussian per sample for the fixed decoder --------------------------
