@@ -19,8 +19,10 @@ from vaelens import VAE
 from vaelens.errors import DataError, VaelensError
 from vaelens.report import build_report
 
-IMAGE_SECTIONS = ["run", "reconstructions", "latent-map", "point-cloud", "aggregate", "compare"]
-TABLE_SECTIONS = ["run", "features", "latent-map", "point-cloud", "aggregate", "compare"]
+IMAGE_SECTIONS = ["run", "reconstructions", "latent-map", "point-cloud", "true-posterior", "aggregate",
+                  "compare"]
+TABLE_SECTIONS = ["run", "features", "latent-map", "point-cloud", "true-posterior", "aggregate",
+                  "compare"]
 
 
 class _Page(HTMLParser):
@@ -191,6 +193,15 @@ def test_table_report(table_run, table_data, tmp_path):
     assert {"feature_reconstruction", "scatter_matrix"} <= set(rep.figures)
     assert not {"reconstructions", "prior_samples", "traversals", "interpolation"} & set(rep.figures)
     assert "subsample" not in rep.path.read_text()  # 600 samples fit under max_points
+    # the true-posterior section: the point-cloud samples' IS moments and q*, as the API gives them
+    tp = rep.numbers["true_posterior"]
+    assert "true_posterior" in rep.figures and tp["indices"] == rep.numbers["point_cloud"]["indices"][:4]
+    ref = VAE.load(table_run).true_posterior(table_data[tp["indices"]], k=tp["k"], seed=0, refine=tp["steps"])
+    np.testing.assert_allclose(tp["mean"], ref.mean, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(tp["std"], ref.std, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(tp["ess"], ref.ess, rtol=1e-6)
+    assert np.shape(tp["mu_opt"]) == np.shape(tp["mean"]) == (4, 3) and len(tp["amortization_gap"]) == 4
+    assert "Pareto k" in rep.path.read_text()
 
 
 _cli = cli  # in-process; see _helpers.cli
@@ -221,12 +232,14 @@ def test_cli_train_report_and_report(cli_table_run, tmp_path):
     r = _cli("report", run, "--dims", "0,1")
     assert r.returncode == 2 and "--force" in r.stderr and "Traceback" not in r.stderr
     out = tmp_path / "other.html"
-    r = _cli("report", run, "--out", out, "--json", tmp_path / "r.json", "--no-eval", "--max-points", "100")
+    r = _cli("report", run, "--out", out, "--json", tmp_path / "r.json", "--no-eval", "--max-points", "100",
+             "--no-gap")
     assert r.returncode == 0, r.stderr
     assert "point-cloud check" in r.stdout and "between" in r.stdout
     js = json.loads((tmp_path / "r.json").read_text())
     assert js["path"] == str(out) and js["numbers"]["n_points"] == 100
-    assert set(js["sections"]) == set(TABLE_SECTIONS)
+    assert set(js["sections"]) == set(TABLE_SECTIONS) and "--no-gap" in js["sections"]["true-posterior"]
+    assert "true_posterior" not in js["numbers"] and "true_posterior" not in js["figures"]
     assert "random subsample of 100" in out.read_text()
 
 

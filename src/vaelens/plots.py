@@ -323,6 +323,45 @@ def point_cloud_figure(z: np.ndarray, mu: np.ndarray, sigma: np.ndarray, emp_mea
     return fig
 
 
+def true_posterior_figure(z: np.ndarray, weights: np.ndarray, mu: np.ndarray, sigma: np.ndarray,
+                          mu_opt: np.ndarray, sigma_opt: np.ndarray, mean: np.ndarray, dims: Sequence[int] = (0, 1),
+                          names: Optional[Sequence[str]] = None, notes: Optional[Sequence[str]] = None) -> Figure:
+    """The importance-weighted cloud of p(z|x) beside the encoder's q and q*, for a few samples.
+
+    z (m, k, d) draws with normalized weights (m, k); mu, sigma the encoder's, mu_opt, sigma_opt q*'s
+    and mean the importance-sampled E_p[z], each (m, d); notes: a caption line per panel.
+    """
+    i, j = dims
+    fig, panels = _panels(len(z), w=3.3, h=3.9)
+    for s, ax in enumerate(panels):
+        rel = weights[s] / weights[s].max()                                  # (k,) in (0, 1]
+        o = np.argsort(rel)                                                  # heavy draws drawn last, on top
+        rgba = np.zeros((len(o), 4))
+        rgba[:, 2], rgba[:, 3] = 0.6, 0.08 + 0.92 * rel[o]                   # alpha by weight: ESS at a glance
+        ax.scatter(z[s, o, i], z[s, o, j], s=2 + 40 * rel[o], c=rgba, linewidths=0)
+        for m, ls in ((1, "-"), (2, ":")):
+            for c, sd, col in ((mu, sigma, "tab:red"), (mu_opt, sigma_opt, "tab:green")):
+                ax.add_patch(Ellipse((c[s, i], c[s, j]), 2 * m * sd[s, i], 2 * m * sd[s, j], fill=False,
+                                     ec=col, lw=1.3, ls=ls))
+        ax.plot(mu[s, i], mu[s, j], "+", color="tab:red", ms=10, mew=2)
+        ax.plot(mu_opt[s, i], mu_opt[s, j], "+", color="tab:green", ms=9, mew=1.5)
+        ax.plot(mean[s, i], mean[s, j], "x", color="black", ms=8, mew=2)
+        ax.set_aspect("equal", adjustable="datalim")
+        ax.tick_params(labelsize=7)
+        ax.set_xlabel(f"z{i}", fontsize=8)
+        ax.set_ylabel(f"z{j}", fontsize=8)
+        ax.set_title(names[s] if names is not None else f"sample {s}", fontsize=9)
+        if notes is not None:
+            ax.text(0.0, -0.2, notes[s], transform=ax.transAxes, fontsize=6.5, family="monospace", va="top")
+    handles = [plt.Line2D([], [], marker="o", ls="", color="navy", alpha=0.6, label="draws, size/alpha by weight"),
+               plt.Line2D([], [], color="tab:red", label="encoder q: mu ± 1σ, 2σ"),
+               plt.Line2D([], [], color="tab:green", label="q*: ± 1σ, 2σ"),
+               plt.Line2D([], [], marker="x", ls="", color="black", label="E_p[z] (importance-sampled)")]
+    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=7.5, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return fig
+
+
 def aggregate_posterior_figure(mu: np.ndarray, sigma: np.ndarray, dims: Optional[Sequence[int]] = None,
                                grid: int = 241) -> Figure:
     """Per dimension, the aggregate posterior q(z_j) = mean_i N(z_j; mu_ij, sigma_ij²) against N(0, 1).

@@ -30,10 +30,11 @@ from .api import VAE, as_dataset
 from .data import Dataset
 from .errors import DataError, OutputError, VaelensError
 from .evaluate import ACTIVE_THRESHOLD, active_units
+from .gap import MIN_ESS, PARETO_K_MAX
 from .plots import (aggregate_posterior_figure, feature_reconstruction_figure, figure_png, heatmap_figure,
                     images_figure, interpolation_figure, latent_map_figure, point_cloud_figure,
                     reconstructions_figure, scatter_matrix_figure, training_curves_figure, traversal_figure,
-                    variance_split_figure)
+                    true_posterior_figure, variance_split_figure)
 from .posterior import aggregate_posterior
 from .uniqueness import compare
 
@@ -42,11 +43,17 @@ DEFAULT_NAME = "report.html"
 # Every figure a report can write (the PNG file stems): only these are ever removed from a
 # figure folder as stale, so a user's own files there are never touched.
 FIGURE_NAMES = ("training_curves", "reconstructions", "prior_samples", "traversals", "interpolation",
-                "feature_reconstruction", "scatter_matrix", "latent_map", "point_cloud", "variance_split",
+                "feature_reconstruction", "scatter_matrix", "latent_map", "point_cloud", "true_posterior",
+                "variance_split",
                 "aggregate_posterior", "compare_runs", "compare_matched")
 # Evaluation (IWAE) is the slowest part; a small K on a subset keeps the report under a minute.
 EVAL_POINTS = 500
 EVAL_IW_SAMPLES = 50
+# The true-posterior section: importance sampling and q* on the point-cloud section's first few
+# samples; k and steps small enough for seconds on CPU, large enough for an ESS in the hundreds.
+GAP_SAMPLES = 4
+GAP_K = 1000
+GAP_STEPS = 150
 
 
 @dataclass
@@ -191,7 +198,7 @@ def _flatten(d, prefix=""):
 def build_report(run_dir: Union[str, Path], data: Union[Dataset, np.ndarray, None] = None,
                  out_path: Union[str, Path, None] = None, compare_runs: Optional[Sequence[Union[str, Path]]] = None,
                  seed: int = 0, max_points: int = 2000, dims: Optional[Sequence[int]] = None,
-                 n_ellipses: int = 15, n_cloud: int = 4, cloud_samples: int = 500, evaluate: bool = True,
+                 n_ellipses: int = 15, n_cloud: int = 4, cloud_samples: int = 500, evaluate: bool = True, gap: bool = True,
                  log: Optional[Callable[[str], None]] = None, overwrite: bool = False) -> Report:
     """Write the HTML report of a run and its figures.
 
@@ -209,6 +216,7 @@ def build_report(run_dir: Union[str, Path], data: Union[Dataset, np.ndarray, Non
     n_ellipses : samples of the latent map that get their 1- and 2-sigma ellipses
     n_cloud, cloud_samples : samples in the point-cloud check and z draws for each
     evaluate : compute the evaluation metrics (IWAE with a small K on a subset)
+    gap : the true-posterior section (importance-sampled p(z|x), q* and the gaps for a few samples)
     log : called with a line per step (progress for the CLI)
     overwrite : also remove figures of an earlier report from the figure folder that this report
         does not write (``report --force``); without it they are kept, and a note says so
@@ -249,7 +257,8 @@ def build_report(run_dir: Union[str, Path], data: Union[Dataset, np.ndarray, Non
     else:
         _section_table(page, vae, ds, seed, say)
     _section_latent_map(page, ds, mu, sigma, activity, order, dims, n_ellipses, rng, numbers, say)
-    _section_point_cloud(page, vae, ds, mu, order, n_cloud, cloud_samples, rng, seed, numbers, say)
+    cloud_idx = _section_point_cloud(page, vae, ds, mu, order, n_cloud, cloud_samples, rng, seed, numbers, say)
+    _section_true_posterior(page, vae, ds, order, cloud_idx[:GAP_SAMPLES], gap, seed, numbers, say)
     _section_aggregate(page, mu, sigma, numbers, say)
     _section_compare(page, run_dir, (mu, sigma), raw_X, compare_runs, seed, numbers, say)
     notes += _tidy_figures(fig_dir, page.figures, overwrite)
@@ -480,6 +489,46 @@ def _section_point_cloud(page, vae, ds, mu, order, n_cloud, cloud_samples, rng, 
                   f'within about 1 ± {3 / np.sqrt(2 * chk.n_samples):.2f}. Run <code>vaelens check</code> for more '
                   f'samples and draws.</p>')
     numbers["point_cloud"] = chk.to_dict()
+    return idx
+
+
+def _section_true_posterior(page, vae, ds, order, idx, gap, seed, numbers, say):
+    """p(z|x)'s importance-weighted cloud beside the encoder's q and q* for the point-cloud samples."""
+    s = page.section("true-posterior", "The true posterior against the encoder's Gaussian")
+    if not gap:
+        s.skipped = "turned off (report --no-gap)"
+        return
+    say("true posterior")
+    dims = (int(order[0]), int(order[1])) if len(order) >= 2 else (0, 0)
+    X = ds.X[idx]
+    # the same rows, k, seed and steps: q* and the weights are the ones the gaps are computed with
+    g = vae.inference_gaps(X, k=GAP_K, steps=GAP_STEPS, seed=seed)
+    c = vae.posterior_cloud(X, k=GAP_K, seed=seed, refine=GAP_STEPS)
+    tp = g.posterior
+    names = [f"sample {i}" + (f" (label {ds.label_of(i)})" if ds.y is not None else "") for i in idx]
+    notes = [f"ESS {tp.ess[r]:.0f} of {GAP_K}, Pareto k {tp.pareto_k[r]:.2f}{'' if tp.reliable[r] else ' (!)'}\n"
+             f"gap approx. {g.approximation_gap[r]:.2f}±{g.approximation_gap_se[r]:.2f}, "
+             f"amort. {g.amortization_gap[r]:.2f}±{g.amortization_gap_se[r]:.2f}" for r in range(len(idx))]
+    page.figure(s, "true_posterior", true_posterior_figure(c.z, c.weights, c.mu, c.sigma, g.mu_opt, g.sigma_opt,
+                                                           tp.mean, dims, names, notes),
+                f"{GAP_K} draws from q* ({GAP_STEPS} Adam steps from the encoder) per sample in z{dims[0]}, "
+                f"z{dims[1]}, sized and shaded by their self-normalized importance weight p(x, z) / q*(z): "
+                f"the model's own posterior p(z|x). Red: the encoder's mu ± 1σ, 2σ; green: q*, the best "
+                f"diagonal Gaussian for this x alone; x: E_p[z]. (!) marks an unreliable estimate "
+                f"(ESS < {MIN_ESS:g} or Pareto k > {PARETO_K_MAX:g}).")
+    rows = [[names[r], float(tp.ess[r]), float(tp.pareto_k[r]), "yes" if tp.reliable[r] else "no",
+             float(tp.distance[r].max()), float(tp.std_ratio[r].min()), float(tp.std_ratio[r].max()),
+             float(g.approximation_gap[r]), float(g.amortization_gap[r])] for r in range(len(idx))]
+    s.body.append(_table(rows, ["sample", "ESS", "Pareto k", "reliable", "max |mu - E_p| / Std_p",
+                                "min σ / Std_p", "max σ / Std_p", "approx. gap (nats)", "amort. gap (nats)"]))
+    s.body.append('<p class="muted">The gaps (Cremer et al. 2018): log p(x) - L[q*] (no diagonal Gaussian is '
+                  'p(z|x)) and L[q*] - L[q] (one encoder for every x). Run <code>vaelens gap</code> for more '
+                  'samples.</p>')
+    numbers["true_posterior"] = {"indices": idx, "dims": list(dims), "k": GAP_K, "steps": GAP_STEPS, "seed": seed,
+                                 "mean": tp.mean, "std": tp.std, "ess": tp.ess, "pareto_k": tp.pareto_k,
+                                 "reliable": tp.reliable, "mu": tp.mu, "sigma": tp.sigma, "mu_opt": g.mu_opt,
+                                 "sigma_opt": g.sigma_opt, "gaps": g.to_dict(),
+                                 "approximation_gap": g.approximation_gap, "amortization_gap": g.amortization_gap}
 
 
 def _section_aggregate(page, mu, sigma, numbers, say):

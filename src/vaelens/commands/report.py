@@ -33,6 +33,8 @@ def add_parser(subparsers):
     p.add_argument("--max-points", type=int, default=2000, help="larger data sets are subsampled (seeded)")
     p.add_argument("--seed", type=int, default=0, help="seed for the subsample and every draw")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation metrics (the slowest part)")
+    p.add_argument("--no-gap", action="store_true", help="skip the true-posterior section (importance sampling "
+                                                         "and q* on 4 samples)")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the computed figures as JSON")
     p.add_argument("--force", action="store_true", help="overwrite an existing report")
     return p
@@ -79,5 +81,6 @@ def run(args) -> ReportResult:
     vae, ds = common.load_run_and_data(args)
     rep = build_report(args.run, ds, out, compare_runs=args.compare,
                        seed=args.seed, max_points=args.max_points, dims=args.dims, evaluate=not args.no_eval,
+                       gap=not args.no_gap,
                        overwrite=args.force)
     return ReportResult(rep, args.run, json_out)
