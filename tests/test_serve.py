@@ -18,7 +18,7 @@ from vaelens import VAE  # noqa: E402
 from vaelens.data import Dataset, load_digits  # noqa: E402
 from vaelens.errors import VaelensError  # noqa: E402
 from _server import serving  # noqa: E402
-from vaelens.serve import MAX_BATCH, MAX_DRAWS, Explorer, create_app, require_deps  # noqa: E402
+from vaelens.serve import CLOUD_STEPS, MAX_BATCH, MAX_CLOUD_K, MAX_DRAWS, Explorer, create_app, require_deps  # noqa: E402
 
 N = 600
 D = 3
@@ -106,6 +106,21 @@ def test_draws_follow_the_samples_posterior(client):
     # is 0.16 sigma; the std's relative standard error is ~1/sqrt(2000) ~ 0.022, so 0.12 is > 5 SE.
     assert np.all(np.abs(np.asarray(r["mean"]) - mu) < 0.16 * sigma)
     assert np.all(np.abs(np.asarray(r["std"]) / sigma - 1) < 0.12)
+
+
+def test_true_posterior_cloud_is_the_estimators_for_that_row(client, vae, digits):
+    r = client.post("/api/true_posterior", json={"index": 7, "k": 600, "seed": 3}).json()
+    z, w = np.asarray(r["z"]), np.asarray(r["weights"])
+    d = vae.latent_dim_
+    assert z.shape == (600, d) and w.shape == (600,) and abs(w.sum() - 1) < 1e-5 and r["steps"] == CLOUD_STEPS
+    # the weighted draws give VAE.true_posterior's E_p[z] for this row, seed, k and q* steps
+    x = vae.binarize_input(digits.X, 0)[7:8]
+    tp = vae.true_posterior(x, k=600, seed=3, refine=CLOUD_STEPS)
+    np.testing.assert_allclose(w @ z, tp.mean[0], atol=1e-4)
+    np.testing.assert_allclose(r["mean"], tp.mean[0], atol=1e-5)
+    assert r["ess"] == pytest.approx(tp.ess[0], rel=1e-6) and r["reliable"] == bool(tp.reliable[0])
+    np.testing.assert_allclose(r["mu"], vae.encode(x).mu[0], atol=1e-5)
+    np.testing.assert_allclose(r["mu_opt"], vae.encode(x, refine=CLOUD_STEPS, seed=3).mu[0], atol=1e-5)
 
 
 def test_decode_matches_the_estimator(client, vae):
@@ -198,6 +213,13 @@ BAD = [
     ("post", "/api/draw", {"index": 0, "n": 10, "path": "/etc/passwd"}, 422, "path: unknown field"),
     ("post", "/api/draw", {"n": 10}, 422, "index: Field required"),
     ("post", "/api/draw", [1, 2], 422, "body"),
+    ("post", "/api/true_posterior", {"index": 0, "k": MAX_CLOUD_K + 1}, 422, f"k: Input should be less than or "
+                                                                            f"equal to {MAX_CLOUD_K}"),
+    ("post", "/api/true_posterior", {"index": 0, "k": 1}, 422, "k: "),
+    ("post", "/api/true_posterior", {"index": N}, 422, f"index: Input should be less than {N}"),
+    ("post", "/api/true_posterior", {"index": -1}, 422, "index: "),
+    ("post", "/api/true_posterior", {"index": 0, "k": "100"}, 422, "k: "),
+    ("post", "/api/true_posterior", {"index": 0, "steps": 10 ** 6}, 422, "steps: unknown field"),
     ("post", "/api/decode", {"z": [0.0, 1.0]}, 422, f"at least {D}"),
     ("post", "/api/decode", {"z": [0.0] * (D + 1)}, 422, f"at most {D}"),
     ("post", "/api/decode", {"z": [0.0, "1", 0.0]}, 422, "z.1"),

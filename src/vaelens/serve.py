@@ -17,6 +17,7 @@ JSON API (every error is a 4xx with ``{"error": "<one line>"}``)::
     GET  /api/sample/{index}    one sample: input, reconstruction, mu, sigma
     POST /api/draw              {"index", "n", "offset", "seed"}: n reparameterized z, running mean/std
     POST /api/decode            {"z": [d numbers]}: the decoder's mean for z, in data units
+    POST /api/true_posterior    {"index", "k", "seed"}: p(z|x)'s importance-weighted draws beside q and q*
     GET  /api/aggregate         per dimension: aggregate posterior vs prior N(0, 1)
 """
 
@@ -47,6 +48,11 @@ Z_LIMIT = 1e4
 # Points of the density grid for the aggregate-posterior plot, and samples in the mixture.
 DENSITY_GRID = 121
 DENSITY_SAMPLES = 2000
+# The true-posterior panel: k importance draws from q* after CLOUD_STEPS Adam steps, for one sample.
+# Bounded so that one request is well under a second on CPU for the models vaelens trains.
+MAX_CLOUD_K = 2000
+CLOUD_K = 1000
+CLOUD_STEPS = 100
 DIGITS = 5  # decimals in JSON: plenty for a screen, and 3x smaller responses
 
 STATIC_FILES = {
@@ -172,7 +178,8 @@ class Explorer:
             "feature_min": None if ds.image_shape else _js(self.feature_range[0]),
             "feature_max": None if ds.image_shape else _js(self.feature_range[1]),
             "map_points": int(len(self.map_index)),
-            "limits": {"max_batch": MAX_BATCH, "max_draws": MAX_DRAWS, "z_limit": Z_LIMIT},
+            "limits": {"max_batch": MAX_BATCH, "max_draws": MAX_DRAWS, "z_limit": Z_LIMIT,
+                       "max_cloud_k": MAX_CLOUD_K, "cloud_k": CLOUD_K},
         }
 
     def latent_map(self) -> dict:
@@ -229,6 +236,27 @@ class Explorer:
         s = int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
         x = self.X[index:index + 1]
         return self.vae.sample_latent(x, MAX_DRAWS, seed=s)[:, 0, :].astype(np.float64)  # (MAX_DRAWS, d)
+
+    def true_posterior(self, index: int, k: int = CLOUD_K, seed: int = 0) -> dict:
+        """Sample `index`'s true posterior p(z|x): k draws (k, d) from q* (CLOUD_STEPS Adam steps from the
+        encoder) with their normalized importance weights (k,), E_p[z] and Std_p[z], ESS and Pareto k,
+        beside the encoder's mu, sigma and q*'s (d,) each: `VAE.posterior_cloud` and `VAE.true_posterior`
+        on this one row with the same k, seed and steps.
+        """
+        i = self.check_index(index)
+        if not 2 <= k <= MAX_CLOUD_K:
+            raise ApiError(f"k must be between 2 and {MAX_CLOUD_K}, got {k}")
+        x = self.X[i:i + 1]
+        c = self.vae.posterior_cloud(x, k, seed=seed, refine=CLOUD_STEPS)
+        tp = self.vae.true_posterior(x, k, seed=seed, refine=CLOUD_STEPS)
+        return {
+            "index": i, "k": k, "seed": seed, "steps": CLOUD_STEPS,
+            "z": _js(c.z[0]), "weights": np.round(c.weights[0], 8).tolist(),   # tiny weights must not round to 0
+            "mean": _js(tp.mean[0]), "std": _js(tp.std[0]), "ess": float(tp.ess[0]),
+            "pareto_k": None if np.isnan(tp.pareto_k[0]) else float(tp.pareto_k[0]),
+            "reliable": bool(tp.reliable[0]),
+            "mu": _js(c.mu[0]), "sigma": _js(c.sigma[0]), "mu_opt": _js(c.loc[0]), "sigma_opt": _js(c.scale[0]),
+        }
 
     def decode(self, z) -> dict:
         """The decoder's mean for one latent point z (d,), in data units (p,)."""
@@ -380,6 +408,13 @@ def _add_api(app, explorer: Explorer) -> None:
         offset: int = 0
         seed: int = Field(default=0, ge=0, le=2 ** 32 - 1)
 
+    class CloudRequest(BaseModel):
+        model_config = strict
+        # bounded here, so a bad value is a 422 before any work: k caps the request's cost
+        index: int = Field(ge=0, lt=explorer.dataset.n)
+        k: int = Field(default=CLOUD_K, ge=2, le=MAX_CLOUD_K)
+        seed: int = Field(default=0, ge=0, le=2 ** 32 - 1)
+
     class DecodeRequest(BaseModel):
         model_config = strict
         z: list[float] = Field(min_length=d, max_length=d)
@@ -411,6 +446,11 @@ def _add_api(app, explorer: Explorer) -> None:
     @app.post("/api/draw")
     def draw(req: DrawRequest):
         return JSONResponse(explorer.draw(req.index, req.n, req.offset, req.seed))
+
+    # plain def: importance sampling and q*'s Adam steps take a fraction of a second, off the event loop
+    @app.post("/api/true_posterior")
+    def true_posterior(req: CloudRequest):
+        return JSONResponse(explorer.true_posterior(req.index, req.k, req.seed))
 
     # async: one decode is a millisecond of model time, less than a hop to the thread pool,
     # and the page keeps at most one decode in flight. Its body is parsed on the event loop, which
