@@ -114,6 +114,17 @@ def test_page_explores_the_latent_space(browser, url, tmp_path):
         assert mean2 != mean1 and std2 != std1
         assert page.evaluate("window.vaelens.state.draws.length") == 210
 
+        # the true-posterior panel: the weighted cloud for the selected sample, with ESS and Pareto k
+        tp_before = _canvas_png(page, "tp")
+        sel = page.evaluate("window.vaelens.state.sel.index")
+        page.select_option("#tp-k", "500")
+        page.click("#tp-run")
+        page.wait_for_function(f"() => document.body.dataset.tp === '{sel}'", timeout=30000)
+        assert _canvas_png(page, "tp") != tp_before
+        text = page.locator("#tp-text").inner_text()
+        assert "ESS" in text and "of 500" in text and "Pareto k" in text
+        assert len(page.evaluate("window.vaelens.state.tp.weights")) == 500
+
         # drag across the map: the decoded image follows the pointer
         decodes = int(page.evaluate("Number(document.body.dataset.decodes || 0)"))
         ax, ay = page.evaluate("window.vaelens.latentOnCanvas(-2, -2)")

@@ -14,6 +14,7 @@ const S = {
   pointerZ: null, decoded: null, decodes: 0,
   dimX: 0, dimY: 1, hover: -1,
   view: null, base: null,
+  tp: null,             // the selected sample's true posterior: {z, weights, mean, mu, sigma, mu_opt, sigma_opt, ...}
 };
 
 // --- requests --------------------------------------------------------------------------------
@@ -233,10 +234,10 @@ function renderStats() {
 async function select(index) {
   try {
     const s = await api(`/api/sample/${index}`);
-    S.sel = s; S.draws = []; S.drawStats = null;
+    S.sel = s; S.draws = []; S.drawStats = null; S.tp = null;
     $("index").value = String(index);
     setStatus("");
-    renderSample(); renderMap();
+    renderSample(); renderMap(); renderTruePosterior();
   } catch (e) { setStatus(e.message); }
 }
 
@@ -331,7 +332,7 @@ function bindControls() {
   $("dim-x").value = String(S.dimX); $("dim-y").value = String(S.dimY);
   const onDims = () => {
     S.dimX = parseInt($("dim-x").value, 10); S.dimY = parseInt($("dim-y").value, 10);
-    renderBase(); renderMap(); if (S.sel) renderStats();
+    renderBase(); renderMap(); renderTruePosterior(); if (S.sel) renderStats();
   };
   $("dim-x").addEventListener("change", onDims);
   $("dim-y").addEventListener("change", onDims);
@@ -343,11 +344,70 @@ function bindControls() {
   });
   $("random").addEventListener("click", () => select(Math.floor(Math.random() * S.info.n)));
   $("draw").addEventListener("click", drawZ);
+  $("tp-run").addEventListener("click", fetchTruePosterior);
   $("reset").addEventListener("click", () => {
     S.draws = []; S.drawStats = null; S.seed += 1;  // a new seed: the next draws are fresh ones
     renderStats(); renderMap();
   });
   if (!S.info.image_shape) $("images").classList.add("hidden");
+}
+
+// --- the true posterior of the selected sample ------------------------------------------------
+async function fetchTruePosterior() {
+  if (!S.sel) return;
+  const index = S.sel.index, k = parseInt($("tp-k").value, 10);
+  $("tp-run").disabled = true; $("tp-text").textContent = "sampling…";
+  try {
+    const r = await api("/api/true_posterior", { index, k, seed: 0 });
+    if (S.sel && S.sel.index === index) { S.tp = r; renderTruePosterior(); }
+  } catch (e) { setStatus(e.message); $("tp-text").textContent = ""; }
+  $("tp-run").disabled = false;
+}
+
+// Its own square view (equal scales) around the cloud and both ellipses, in the map's two dimensions.
+function renderTruePosterior() {
+  const c = $("tp"), W = 360, H = 360, ctx = setupCanvas(c, W, H), T = S.tp;
+  ctx.fillStyle = "#fff"; ctx.fillRect(0, 0, W, H);
+  if (!T) { $("tp-text").textContent = S.sel ? "not sampled yet for this sample" : ""; return; }
+  const i = S.dimX, j = S.dimY;
+  const wmax = Math.max(...T.weights);
+  let lo = [Infinity, Infinity], hi = [-Infinity, -Infinity];
+  const grow = (u, v, su, sv) => {
+    lo = [Math.min(lo[0], u - su), Math.min(lo[1], v - sv)]; hi = [Math.max(hi[0], u + su), Math.max(hi[1], v + sv)];
+  };
+  for (const [m, s] of [[T.mu, T.sigma], [T.mu_opt, T.sigma_opt]]) grow(m[i], m[j], 2.2 * s[i], 2.2 * s[j]);
+  T.z.forEach((z, n) => { if (T.weights[n] > 1e-3 * wmax) grow(z[i], z[j], 0, 0); });
+  const half = 0.55 * Math.max(hi[0] - lo[0], hi[1] - lo[1], 1e-6);
+  const cu = (lo[0] + hi[0]) / 2, cv = (lo[1] + hi[1]) / 2;
+  const X = (u) => (u - cu + half) / (2 * half) * W, Y = (v) => H - (v - cv + half) / (2 * half) * H;
+  const R = W / (2 * half);
+  const order = T.weights.map((w, n) => n).sort((a, b) => T.weights[a] - T.weights[b]);  // heavy draws on top
+  for (const n of order) {
+    const rel = T.weights[n] / wmax;
+    ctx.fillStyle = `rgba(20,40,150,${(0.08 + 0.92 * rel).toFixed(3)})`;
+    ctx.beginPath(); ctx.arc(X(T.z[n][i]), Y(T.z[n][j]), 1 + 3.5 * Math.sqrt(rel), 0, 2 * Math.PI); ctx.fill();
+  }
+  for (const [m, s, col] of [[T.mu, T.sigma, "#c0392b"], [T.mu_opt, T.sigma_opt, "#27ae60"]]) {
+    ctx.strokeStyle = col; ctx.lineWidth = 1.6;
+    for (const k of [1, 2]) {
+      ctx.setLineDash(k === 1 ? [] : [2, 3]);
+      ctx.beginPath(); ctx.ellipse(X(m[i]), Y(m[j]), Math.max(k * s[i] * R, 0.5), Math.max(k * s[j] * R, 0.5),
+        0, 0, 2 * Math.PI); ctx.stroke();
+    }
+  }
+  ctx.setLineDash([]);
+  const [mx, my] = [X(T.mean[i]), Y(T.mean[j])];
+  ctx.strokeStyle = "#000"; ctx.lineWidth = 2.2;
+  ctx.beginPath(); ctx.moveTo(mx - 6, my - 6); ctx.lineTo(mx + 6, my + 6); ctx.moveTo(mx - 6, my + 6); ctx.lineTo(mx + 6, my - 6);
+  ctx.stroke();
+  ctx.fillStyle = "#66707a"; ctx.font = "11px sans-serif";
+  ctx.fillText(`z${i} →`, W - 40, H - 6); ctx.fillText(`z${j} ↑`, 4, 12);
+  const pk = T.pareto_k === null ? "n/a" : T.pareto_k.toFixed(2);
+  $("tp-text").textContent = `sample ${T.index}: ESS ${T.ess.toFixed(0)} of ${T.k} · Pareto k ${pk} · ` +
+    `${T.reliable ? "reliable" : "UNRELIABLE"} · E_p[z] (${fmt(T.mean[i])}, ${fmt(T.mean[j])}) · ` +
+    `mu (${fmt(T.mu[i])}, ${fmt(T.mu[j])}) · q* (${fmt(T.mu_opt[i])}, ${fmt(T.mu_opt[j])}) · ` +
+    `q* after ${T.steps} steps`;
+  document.body.dataset.tp = String(T.index);
 }
 
 // --- the aggregate posterior -----------------------------------------------------------------
