@@ -156,6 +156,7 @@ OUTPUTS = [
     ("gap", ["RUN"], "--json", "o.json"),
     ("score", ["RUN"], "--out", "o.csv"),
     ("score", ["RUN", "--out", "s.csv"], "--json", "o.json"),
+    ("export", ["RUN", "--format", "torch"], "--out", None),
 ]
 
 
