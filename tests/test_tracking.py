@@ -8,7 +8,7 @@ import pytest
 from _helpers import cli as run
 
 SCALARS = ["loss/train", "reconstruction/train", "kl/train", "loss/validation", "reconstruction/validation",
-           "kl/validation", "train/learning_rate", "train/beta", "kl_per_dim/0", "kl_per_dim/1"]
+           "kl/validation", "train/learning_rate", "train/beta", "kl_per_dim/0", "kl_per_dim/1", "active_units"]
 
 
 def _events(folder):

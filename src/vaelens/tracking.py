@@ -18,10 +18,12 @@ import torch
 
 from .config import RunConfig
 from .errors import VaelensError
+from .evaluate import ACTIVE_THRESHOLD, active_units, encode_all
 
 SUBDIR = "tensorboard"
 IMAGE_EVERY = 10  # epochs between image summaries (and the last epoch)
 N_IMAGES = 8
+N_ACTIVITY = 2000  # rows whose posterior means give the active-unit count each epoch
 
 
 def require_tensorboard():
@@ -41,6 +43,7 @@ class TensorBoardLogger:
         self.folder = Path(run_dir) / SUBDIR
         self.cfg = cfg
         self.shown = np.asarray(X[:N_IMAGES], dtype=np.float32) if cfg.model.image_shape else None
+        self.rows = np.asarray(X[:N_ACTIVITY], dtype=np.float32)
         self.writer = None
         self.last: Optional[dict] = None
 
@@ -58,11 +61,20 @@ class TensorBoardLogger:
                 w.add_scalar(tag, record[key], step)
         for j, v in enumerate(record.get("kl_per_dim") or ()):
             w.add_scalar(f"kl_per_dim/{j}", v, step)
+        if module is not None and len(self.rows) > 1:
+            w.add_scalar("active_units", self._active(module), step)
         last = step >= self.cfg.train.epochs
         if module is not None and self.shown is not None and (step % IMAGE_EVERY == 0 or last or step == 1):
             self._images(module, step)
         self.last = record
         w.flush()
+
+    def _active(self, module: torch.nn.Module) -> int:
+        """Burda et al.'s active units (Var_x mu_u(x) > 0.01) on the validation rows (or the first training rows)."""
+        was_training = module.training
+        mu, _ = encode_all(module, self.rows)
+        module.train(was_training)
+        return active_units(mu, ACTIVE_THRESHOLD)[0]
 
     def _images(self, module: torch.nn.Module, step: int) -> None:
         """Originals over their reconstructions (decoder mean at mu), and decoder means of prior draws."""
