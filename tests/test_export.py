@@ -89,6 +89,10 @@ def test_existing_out_needs_force_and_force_spares_other_folders(digits_small, t
     p = run("export", digits_small, "--format", "torch", "--out", tmp_path / "e", "--force")
     assert p.returncode == 2 and "not an export" in p.stderr
     assert (tmp_path / "e" / "mine.txt").read_text() == "mine"
+    run("export", digits_small, "--format", "torch", "--out", tmp_path / "x", check_rc=0)
+    run("export", digits_small, "--format", "torch", "--out", tmp_path / "x", "--force", check_rc=0)  # an export
+    assert sorted(p.name for p in (tmp_path / "x").iterdir()) == ["decoder.pt2", "encoder.pt2", "export.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e", "x"]  # no temporary folder left
 
 
 @pytest.mark.parametrize("extra, fragment", [
@@ -104,3 +108,12 @@ def test_bad_inputs_exit_2_with_one_line(digits_small, tmp_path, extra, fragment
 def test_a_missing_run_exits_2(tmp_path):
     p = run("export", tmp_path / "nothing", "--format", "torch", "--out", tmp_path / "e")
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
+
+
+def test_onnx_without_onnxruntime_is_one_line_and_exit_2(digits_small, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
+    p = run("export", digits_small, "--format", "onnx", "--out", tmp_path / "e")
+    assert p.returncode == 2 and "pip install 'vaelens[export]'" in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and not (tmp_path / "e").exists()

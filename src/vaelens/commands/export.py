@@ -8,7 +8,6 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -130,7 +129,8 @@ def check_export_folder(out: Path, force: bool) -> Path:
     check_writable(out, folder=True, what="export folder")
     if out.exists():
         if not force:
-            raise OutputError(f"{out}: export folder already exists; pass --force to replace it or choose another --out")
+            raise OutputError(f"{out}: export folder already exists; pass --force to replace it "
+                              f"or choose another --out")
         if any(out.iterdir()) and not (out / "export.json").is_file():
             raise OutputError(f"{out}: exists and holds files that are not an export (no export.json); "
                               f"choose another --out")
@@ -145,9 +145,11 @@ def _require(fmt: str) -> None:
     """onnx and onnxruntime for --format onnx, with the install to run named; checked before any work."""
     if fmt != "onnx":
         return
+    import importlib
+
     try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
+        for name in ("onnx", "onnxruntime"):
+            importlib.import_module(name)
     except ImportError:
         raise VaelensError("--format onnx needs onnx and onnxruntime: pip install 'vaelens[export]'") from None
 
