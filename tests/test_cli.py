@@ -154,6 +154,9 @@ OUTPUTS = [
     ("symmetry", ["RUN"], "--json", "o.json"),
     ("compare", ["RUN", "RUN"], "--json", "o.json"),
     ("gap", ["RUN"], "--json", "o.json"),
+    ("score", ["RUN"], "--out", "o.csv"),
+    ("score", ["RUN", "--out", "s.csv"], "--json", "o.json"),
+    ("export", ["RUN", "--format", "torch"], "--out", None),
 ]
 
 

@@ -220,8 +220,8 @@ class _Run:
 
 def fit(cfg: RunConfig, X: np.ndarray, X_val: Optional[np.ndarray] = None, *, run_dir: Optional[Path] = None,
         resume: bool = False, progress: Optional[bool] = None,
-        on_epoch: Optional[Callable[[dict], None]] = None, handle_signals: bool = False,
-        checkpoint_interval_s: float = 10.0) -> TrainResult:
+        on_epoch: Optional[Callable[..., None]] = None, handle_signals: bool = False,
+        checkpoint_interval_s: float = 10.0, on_epoch_model: bool = False) -> TrainResult:
     """Train a VAE on prepared arrays (see `prepare`).
 
     Parameters
@@ -238,7 +238,8 @@ def fit(cfg: RunConfig, X: np.ndarray, X_val: Optional[np.ndarray] = None, *, ru
     progress : bool, optional
         Show a progress bar; default: when stderr is a terminal.
     on_epoch : callable, optional
-        Called with each epoch's metrics record.
+        Called with each epoch's metrics record (rank 0 only); with ``on_epoch_model`` also with the
+        model module, for loggers that draw reconstructions (`vaelens.tracking`).
     handle_signals : bool
         Save a checkpoint and return on SIGINT/SIGTERM instead of dying.
     checkpoint_interval_s : float
@@ -288,7 +289,7 @@ def fit(cfg: RunConfig, X: np.ndarray, X_val: Optional[np.ndarray] = None, *, ru
                 last_save = time.monotonic()
             _show(bar, record)
             if on_epoch is not None and run.info.is_main:
-                on_epoch(record)
+                on_epoch(record, run.module) if on_epoch_model else on_epoch(record)
             # stop?
             if stopped_early or (interrupted := _signalled(run)):
                 if interrupted and not saved and run.out is not None:  # the signal came after the save decision

@@ -6,10 +6,11 @@ marks the commands whose work torchrun's ranks share; the others run on rank 0 a
 (`vaelens.cli`) registers them in this order, which is the order `vaelens --help` lists them in.
 """
 
-from . import (check, compare, encode, evaluate, gap, info, posterior, report, sample, serve, symmetry,
+from . import (check, compare, encode, evaluate, export, gap, info, posterior, report, sample, score, serve,
+               symmetry,
                train)
 
 COMMANDS = {m.NAME: m for m in (train, encode, sample, info, report, evaluate, serve, check, posterior,
-                                symmetry, compare, gap)}
+                                symmetry, compare, gap, score, export)}
 
 __all__ = ["COMMANDS"]

@@ -19,7 +19,7 @@ from .. import advice
 from .. import checkpoint as ck
 from .. import config
 from .. import data as data_mod
-from .. import dist, safeio
+from .. import dist, safeio, tracking
 from ..config import RunConfig
 from ..errors import ConfigError, TrainingDiverged, VaelensError
 from ..io import check_writable
@@ -61,6 +61,9 @@ def add_parser(subparsers):
                         "since the last one (0: every epoch); SIGINT/SIGTERM always save one")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--report", action="store_true", help="write RUN/report.html (figures in RUN/figures) at the end")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="log every epoch's figures (and images of image runs) to RUN/tensorboard for TensorBoard; "
+                        "a resumed run continues the same curves (needs: pip install 'vaelens[tensorboard]')")
     return p
 
 
@@ -252,19 +255,28 @@ def _after_divergence(run_dir: Path, made: bool, cfg: RunConfig) -> str:
 
 
 def _fit_one(args, plan: _Plan, run_dir: Path, rcfg: RunConfig, X, X_val, info) -> TrainResult:
+    # fit calls on_epoch on rank 0 alone; the logger is a command option, not part of the run's config
+    logger = (tracking.TensorBoardLogger(run_dir, rcfg, X if X_val is None else X_val)
+              if getattr(args, "tensorboard", False) else None)
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _warn
             return fit(rcfg, X, X_val, run_dir=run_dir, resume=plan.resumed is not None,
                        progress=False if args.no_progress else None, handle_signals=True,
-                       checkpoint_interval_s=args.checkpoint_every)
+                       checkpoint_interval_s=args.checkpoint_every, on_epoch=logger,
+                       on_epoch_model=logger is not None)
     except TrainingDiverged as e:
         if plan.resumed is not None or not info.is_main:
             raise
         raise TrainingDiverged(f"{e}{_after_divergence(Path(run_dir), plan.made, rcfg)}") from None
+    finally:
+        if logger is not None:
+            logger.close()
 
 
 def run(args) -> TrainOutcome:
+    if getattr(args, "tensorboard", False):
+        tracking.require_tensorboard()  # before any data is read
     info = dist.env_info()
     plan = _plan(args, info)
     ds = plan.ds
