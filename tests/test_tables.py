@@ -228,7 +228,7 @@ def test_missing_drop_from_the_command_line(numeric_run, tmp_path):
     assert rc == 2 and "missing values (empty, NA, NaN or ?) at line 4, column 'b'" in err
     rc, out, err = cli("evaluate", numeric_run["run"], "--data", p, "--iw-samples", "0", "--missing", "drop")
     assert rc == 0 and "dropped 1 of 120 rows with missing values (--missing drop; lines 4)" in err
-    assert "(119 samples" in out
+    assert "(all 119 samples" in out
 
 
 # --- delimiters -------------------------------------------------------------------------------
@@ -274,7 +274,7 @@ def test_evaluate_data_file_matches_the_api(numeric_run, tmp_path):
     r = json.loads(out.read_text())
     assert r["data"] == str(test_csv) and r["split"] is None and r["n"] == 40
     assert r["space"] == "standardized units (the run's mean and std)"
-    assert f"on {test_csv}, the whole file, (40 samples" in stdout
+    assert f"on {test_csv} (all 40 samples" in stdout
     assert "densities in nats of the model's input: standardized units (the run's mean and std)" in stdout
     assert "log p(x) [standardized], IWAE k=20" in stdout and "log p(x) [data units]" in stdout
     vae = VAE.load(numeric_run["run"])
@@ -292,7 +292,7 @@ def test_evaluate_split_applies_to_built_in_sets_only(numeric_run):
     test_csv = numeric_run["dir"] / "test.csv"
     rc, out, err = cli("evaluate", numeric_run["run"], "--data", test_csv, "--split", "train", "--iw-samples", "0")
     assert rc == 0 and f"note: --split applies to the built-in data sets only; {test_csv} is evaluated whole" in err
-    assert f"on {test_csv}, the whole file," in out and "train" not in out.splitlines()[0].replace(str(test_csv), "")
+    assert f"on {test_csv} (all " in out and "train" not in out.splitlines()[0].replace(str(test_csv), "")
     rc, _, err = cli("evaluate", numeric_run["run"])
     assert rc == 2 and "which has no test split of its own; pass the test file with --data FILE" in err
 

@@ -63,8 +63,9 @@ class EvaluateResult(Result):
 
     def lines(self):
         r = self.numbers
-        what = f"{r['data']} {r['split']} split" if r["split"] else f"{r['data']}, the whole file,"
-        out = [f"evaluate {r['run']} on {what} ({r['n']} samples, {r['features']} features"
+        what = f"{r['data']} {r['split']} split" if r["split"] else r["data"]
+        n = f"{r['n']} samples" if r["split"] else f"all {r['n']} samples"
+        out = [f"evaluate {r['run']} on {what} ({n}, {r['features']} features"
                f"{', binarized once with seed %d' % r['seed'] if r['binarized'] else ''})",
                f"  densities in nats of the model's input: {r['space']}"]
         short = _SHORT.get(r["space"], r["space"])
