@@ -332,10 +332,29 @@ class VAE(TransformerMixin, BaseEstimator):
         z = torch.randn(n, self.latent_dim_, generator=g)
         return self.decode(z.numpy())
 
+    def elbo_terms(self, X: ArrayLike, n_samples: int = 1, seed: Optional[int] = 0,
+                   batch_size: int = 4096) -> dict:
+        """Per-sample ELBO terms in nats: ``elbo``, ``rec`` (E_q[log p(x|z)], `n_samples` seeded draws) and
+        ``kl`` (KL(q(z|x) || p(z)), analytic), each of shape (n,)."""
+        Xt = self._tensor(X, seed)
+        return _elbo_terms(self.module_, Xt, n_samples=n_samples, batch_size=batch_size, seed=seed)
+
     def elbo(self, X: ArrayLike, n_samples: int = 1, seed: Optional[int] = 0, batch_size: int = 4096) -> np.ndarray:
         """Per-sample ELBO in nats, shape (n,), with `n_samples` draws of z per sample (seeded)."""
+        return self.elbo_terms(X, n_samples=n_samples, seed=seed, batch_size=batch_size)["elbo"]
+
+    def reconstruction_error(self, X: ArrayLike, seed: Optional[int] = 0, batch_size: int = 4096) -> np.ndarray:
+        """Per sample, the sum over features of (x - E[x | z = mu(x)])^2, shape (n,), in the model's units:
+        a standardized run weighs every feature alike, a binarized run compares bits with probabilities."""
         Xt = self._tensor(X, seed)
-        return _elbo_terms(self.module_, Xt, n_samples=n_samples, batch_size=batch_size, seed=seed)["elbo"]
+        module = self.module_.eval()
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(Xt), batch_size):
+                x = Xt[i:i + batch_size]                                     # (b, p)
+                mean = module.generative(module.inference(x).mean).mean      # (b, p): decoder mean at mu(x)
+                out.append(((x - mean) ** 2).sum(dim=1).double().cpu())
+        return torch.cat(out).numpy() if out else np.zeros(0)
 
     def log_likelihood(self, X: ArrayLike, k: int = 5000, seed: Optional[int] = 0, batch_size: Optional[int] = None,
                        chunk_size: Optional[int] = None, progress: bool = False,
@@ -412,10 +431,7 @@ class VAE(TransformerMixin, BaseEstimator):
         -------
         vaelens.gap.TruePosterior
         """
-        if refine < 0:
-            raise ConfigError(f"refine must be >= 0 (Adam steps), got {refine}")
-        Xt = self._tensor(X, seed)
-        proposal = _gap.refine(self.module_, Xt, refine, seed=seed) if refine else None
+        Xt, proposal = self._proposal(X, refine, seed)
         return _gap.true_posterior(self.module_, Xt, k, seed=seed, proposal=proposal)
 
     def posterior_cloud(self, X: ArrayLike, k: int = _gap.DEFAULT_K, seed: int = 0,
@@ -429,11 +445,15 @@ class VAE(TransformerMixin, BaseEstimator):
         -------
         vaelens.gap.PosteriorCloud
         """
+        Xt, proposal = self._proposal(X, refine, seed)
+        return _gap.posterior_cloud(self.module_, Xt, k, seed=seed, proposal=proposal)
+
+    def _proposal(self, X: ArrayLike, refine: int, seed: int):
+        """The model input and the importance proposal: None (the encoder's q) or q* after `refine` steps."""
         if refine < 0:
             raise ConfigError(f"refine must be >= 0 (Adam steps), got {refine}")
         Xt = self._tensor(X, seed)
-        proposal = _gap.refine(self.module_, Xt, refine, seed=seed) if refine else None
-        return _gap.posterior_cloud(self.module_, Xt, k, seed=seed, proposal=proposal)
+        return Xt, (_gap.refine(self.module_, Xt, refine, seed=seed) if refine else None)
 
     def inference_gaps(self, X: ArrayLike, k: int = _gap.DEFAULT_K, steps: int = _gap.REFINE_STEPS, seed: int = 0,
                        **kwargs) -> "_gap.InferenceGaps":

@@ -199,7 +199,8 @@ def build_report(run_dir: Union[str, Path], data: Union[Dataset, np.ndarray, Non
                  out_path: Union[str, Path, None] = None, compare_runs: Optional[Sequence[Union[str, Path]]] = None,
                  seed: int = 0, max_points: int = 2000, dims: Optional[Sequence[int]] = None,
                  n_ellipses: int = 15, n_cloud: int = 4, cloud_samples: int = 500, evaluate: bool = True, gap: bool = True,
-                 log: Optional[Callable[[str], None]] = None, overwrite: bool = False) -> Report:
+                 log: Optional[Callable[[str], None]] = None, overwrite: bool = False,
+                 vae: Optional[VAE] = None) -> Report:
     """Write the HTML report of a run and its figures.
 
     Parameters
@@ -218,6 +219,7 @@ def build_report(run_dir: Union[str, Path], data: Union[Dataset, np.ndarray, Non
     evaluate : compute the evaluation metrics (IWAE with a small K on a subset)
     gap : the true-posterior section (importance-sampled p(z|x), q* and the gaps for a few samples)
     log : called with a line per step (progress for the CLI)
+    vae : the run already loaded (`VAE.load(run_dir)`), so a caller that read it does not read it twice
     overwrite : also remove figures of an earlier report from the figure folder that this report
         does not write (``report --force``); without it they are kept, and a note says so
 
@@ -228,7 +230,7 @@ def build_report(run_dir: Union[str, Path], data: Union[Dataset, np.ndarray, Non
     t0 = time.perf_counter()
     say = log or (lambda _m: None)
     run_dir = Path(run_dir)
-    vae = VAE.load(run_dir)
+    vae = VAE.load(run_dir) if vae is None else vae
     d = vae.latent_dim_
     if dims is not None and (len(dims) != 2 or not all(0 <= j < d for j in dims) or dims[0] == dims[1]):
         raise VaelensError(f"latent map dims must be two different dimensions in 0..{d - 1}, got {tuple(dims)}")

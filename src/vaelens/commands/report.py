@@ -79,7 +79,7 @@ def run(args) -> ReportResult:
     out = common.check_output(args.out if args.out is not None else args.run / "report.html", args.force, "report")
     json_out = common.check_output(args.json, args.force)
     vae, ds = common.load_run_and_data(args)
-    rep = build_report(args.run, ds, out, compare_runs=args.compare,
+    rep = build_report(args.run, ds, out, vae=vae, compare_runs=args.compare,
                        seed=args.seed, max_points=args.max_points, dims=args.dims, evaluate=not args.no_eval,
                        gap=not args.no_gap,
                        overwrite=args.force)

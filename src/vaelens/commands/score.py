@@ -8,12 +8,10 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import torch
 
 from .. import data as data_mod
 from ..api import VAE
 from ..errors import VaelensError
-from ..evaluate import elbo_terms
 from ..io import atomic_write, prepare_output
 from . import _common as common
 from .evaluate import evaluation_split
@@ -120,30 +118,13 @@ def run(args) -> ScoreResult:
 
 
 def sample_scores(vae: VAE, X: np.ndarray, k: int, seed: int) -> dict:
-    """Per-sample columns (float64): neg_elbo, log_px, neg_log_px, rec_error, kl.
-
-    The ELBO and KL are `VAE.elbo`'s terms (one seeded z draw), log p(x) is `VAE.log_likelihood`
-    with the same seed: the figures the Python API gives for the same rows.
-    """
-    Xm = vae.model_input(X, seed)
-    terms = elbo_terms(vae.module_, Xm, n_samples=1, seed=seed)
+    """Per-sample columns (float64): neg_elbo, log_px, neg_log_px, rec_error, kl: the figures the Python
+    API gives for the same rows and seed (`VAE.elbo_terms` with one seeded draw, `VAE.log_likelihood`,
+    `VAE.reconstruction_error`)."""
+    terms = vae.elbo_terms(X, n_samples=1, seed=seed)
     log_px = vae.log_likelihood(X, k=k, seed=seed).astype(np.float64)
     return {"neg_elbo": -terms["elbo"], "log_px": log_px, "neg_log_px": -log_px,
-            "rec_error": reconstruction_error(vae, Xm), "kl": terms["kl"]}
-
-
-def reconstruction_error(vae: VAE, Xm: np.ndarray, batch_size: int = 4096) -> np.ndarray:
-    """Sum over features of (x - E[x | z = mu(x)])^2 for model input Xm: in the model's units, so that a
-    standardized run weighs every feature alike and a binarized run compares bits with probabilities."""
-    module = vae.module_
-    module.eval()
-    out = []
-    with torch.inference_mode():
-        for i in range(0, len(Xm), batch_size):
-            x = torch.as_tensor(Xm[i:i + batch_size], device=vae.device_)
-            mean = module.generative(module.inference(x).mean).mean
-            out.append(((x - mean) ** 2).sum(dim=1).double().cpu())
-    return torch.cat(out).numpy() if out else np.zeros(0)
+            "rec_error": vae.reconstruction_error(X, seed=seed), "kl": terms["kl"]}
 
 
 def normal_mask(labels: Optional[np.ndarray], classes, where: str = "--normal") -> np.ndarray:
