@@ -26,6 +26,14 @@ GAUSSIAN_SCALES = ("fixed", "shared", "per_feature")
 ARCHS = ("mlp", "conv")
 ACTIVATIONS = ("relu", "tanh", "elu", "gelu", "silu", "softplus", "leaky_relu")
 OBJECTIVES = ("elbo", "iwae")
+POSTERIORS = ("diagonal", "full")
+PRIORS = ("normal", "mog", "vamp")
+# Components when --prior-components is not given: a mixture of 10 Gaussians; a VampPrior of 100
+# pseudo-inputs (Tomczak & Welling 2018 use 500 on MNIST; 100 keeps the prior's encoder pass cheap
+# on small tables). Stated in --help and docs/posterior.md.
+DEFAULT_COMPONENTS = {"mog": 10, "vamp": 100}
+MAX_COMPONENTS = 100_000
+MAX_FULL_LATENT = 4096       # a full covariance has d(d+1)/2 entries per sample
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("constant", "cosine", "exponential", "plateau")
 BINARIZE = ("none", "static", "dynamic")
@@ -134,6 +142,13 @@ class ModelConfig:
     gaussian_scale: str = _opt("per_feature", "gaussian decoder scale", choices=GAUSSIAN_SCALES, group="model")
     fixed_scale: float = _opt(1.0, "gaussian scale when --gaussian-scale fixed", group="model")
     sigma_floor: float = _opt(1e-4, "smallest encoder sigma", group="model")
+    posterior: str = _opt("diagonal", "family of q(z|x): diagonal Gaussian, or full covariance (a Cholesky factor "
+                                      "per sample)", choices=POSTERIORS, group="model")
+    prior: str = _opt("normal", "p(z): standard normal, a learned mixture of Gaussians (mog), or the VampPrior "
+                                "(vamp: a mixture of the encoder's posteriors at learned pseudo-inputs)",
+                      choices=PRIORS, group="model")
+    prior_components: Optional[int] = _opt(None, "mixture components of --prior mog|vamp (default 10 for mog, "
+                                                 "100 for vamp)", group="model", metavar="K")
     # config.json and the API only: the channel count also fixes how often the image is halved
     conv_channels: Tuple[int, ...] = _opt((32, 64), "channels of the conv encoder's layers", group="model",
                                           flag=None)
@@ -157,6 +172,13 @@ class ModelConfig:
             raise ConfigError(f"{prefix}.fixed_scale must be > 0, got {self.fixed_scale}")
         if not self.sigma_floor >= 0:
             raise ConfigError(f"{prefix}.sigma_floor must be >= 0, got {self.sigma_floor}")
+        if self.prior_components is not None:
+            if self.prior == "normal":
+                raise ConfigError(f"{prefix}.prior_components (--prior-components) needs --prior mog or vamp")
+            _positive_int(f"{prefix}.prior_components", self.prior_components, MAX_COMPONENTS)
+        if self.posterior == "full" and self.latent_dim > MAX_FULL_LATENT:
+            raise ConfigError(f"{prefix}.latent_dim: {self.latent_dim} with --posterior full; at most "
+                              f"{MAX_FULL_LATENT} are allowed")
         if self.input_dim is not None:
             _positive_int(f"{prefix}.input_dim", self.input_dim, MAX_INPUT_DIM)
         if self.image_shape is not None:
@@ -174,6 +196,18 @@ class ModelConfig:
                 )
             if self.input_dim is not None and h * w != self.input_dim:
                 raise ConfigError(f"{prefix}.image_shape {h}x{w} does not hold input_dim {self.input_dim} features")
+
+    @property
+    def components(self) -> int:
+        """The prior's mixture components: 1 for the normal prior, else the given or default K."""
+        if self.prior == "normal":
+            return 1
+        return self.prior_components if self.prior_components is not None else DEFAULT_COMPONENTS[self.prior]
+
+    @property
+    def factorized(self) -> bool:
+        """Whether KL(q(z|x) || p(z)) splits into a sum over latent dimensions (diagonal q, N(0, I) prior)."""
+        return self.posterior == "diagonal" and self.prior == "normal"
 
 
 @dataclass(frozen=True)
@@ -267,6 +301,12 @@ class RunConfig:
         self.train.validate()
         if self.transform is not None:
             self.transform.validate()
+        if self.train.free_bits > 0 and not self.model.factorized:
+            # free bits floor each dimension's KL; with a full covariance or a mixture prior the KL
+            # does not split over dimensions, so there is no per-dimension KL to floor
+            raise ConfigError(f"train.free_bits (--free-bits) needs a KL that splits over latent dimensions "
+                              f"(--posterior diagonal with --prior normal); this run has --posterior "
+                              f"{self.model.posterior} and --prior {self.model.prior}: use --warmup-epochs instead")
         return self
 
     def replace(self, **sections: Any) -> "RunConfig":

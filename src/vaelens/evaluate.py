@@ -222,7 +222,7 @@ def iwae_log_likelihood(module: VAEModule, X: ArrayLike, k: int = 5000, *, chunk
             acc = torch.full((len(x),), -math.inf, dtype=torch.float64, device=x.device)
             for j in range(0, k, chunk_size):
                 c = min(chunk_size, k - j)
-                eps = torch.stack([_draw(g, c, qz.loc) for g in gens], 1)   # (c, b, d)
+                eps = torch.stack([_draw(g, c, qz.mean) for g in gens], 1)   # (c, b, d)
                 lw = module.draw(x, eps, qz=qz, weights=True, closed_form=True).log_w   # (c, b) float32
                 acc = torch.logaddexp(acc, torch.logsumexp(lw.double(), 0))
             out.append(acc - math.log(k))
@@ -343,8 +343,8 @@ def encode_all(module: VAEModule, X: ArrayLike, batch_size: int = 4096):
     with torch.inference_mode():
         for i in range(0, len(x_all), batch_size):
             qz = module.inference(x_all[i:i + batch_size])                 # batch (b, d)
-            mus.append(qz.loc.double())
-            sigmas.append(qz.scale.double())
+            mus.append(qz.mean.double())
+            sigmas.append(qz.stddev.double())
     return torch.cat(mus).cpu().numpy(), torch.cat(sigmas).cpu().numpy()
 
 

@@ -37,11 +37,10 @@ from typing import Optional, Tuple
 
 import numpy as np
 import torch
-from torch.distributions import Normal
 
 from .errors import ConfigError
 from .evaluate import EPS_BLOCK, ROWS_PER_CALL, _draw, _row_generator
-from .model import VAEModule
+from .model import VAEModule, diagonal_normal, reparameterize
 
 DEFAULT_K = 1000          # importance samples per x for E_p[z], Std_p[z] and log p(x)
 REFINE_STEPS = 300        # Adam steps for q*
@@ -276,18 +275,17 @@ def true_posterior(module: VAEModule, x_all: torch.Tensor, k: int = DEFAULT_K, s
         for i in range(0, n, batch):
             x = x_all[i:i + batch]                                           # (b, p)
             q = module.inference(x)                                          # batch (b, d): the encoder's
-            qz = q if proposal is None else Normal(proposal[0][i:i + batch], proposal[1][i:i + batch],
-                                                   validate_args=False)      # the proposal, batch (b, d)
+            qz = q if proposal is None else diagonal_normal(proposal[0][i:i + batch], proposal[1][i:i + batch])  # the proposal
             gens = [_row_generator(seed, i + j, x.device) for j in range(len(x))]
             acc = _Running(len(x), d, tail_length(k) + 1, x.device)
             for j in range(0, k, chunk):
-                eps = torch.stack([_draw(g, min(chunk, k - j), qz.loc) for g in gens], 1)   # (c, b, d)
+                eps = torch.stack([_draw(g, min(chunk, k - j), qz.mean) for g in gens], 1)   # (c, b, d)
                 dr = module.draw(x, eps, qz=qz, weights=True, closed_form=True)
-                acc.add(dr.log_w.double(), (eps * qz.scale).double())       # u = z - the proposal's mean
+                acc.add(dr.log_w.double(), (dr.z - qz.mean).double())        # u = z - the proposal's mean
             parts.append(acc.finish(k))
-            mus.append(q.loc.double())
-            sigmas.append(q.scale.double())
-            locs.append(qz.loc.double())
+            mus.append(q.mean.double())
+            sigmas.append(q.stddev.double())
+            locs.append(qz.mean.double())
     cat = {key: torch.cat([p[key] for p in parts], 1 if key == "top" else 0).cpu().numpy() for key in parts[0]}
     mu, sigma = torch.cat(mus).cpu().numpy(), torch.cat(sigmas).cpu().numpy()
     return TruePosterior(mean=torch.cat(locs).cpu().numpy() + cat["mean_u"], std=cat["std"],
@@ -344,15 +342,14 @@ def posterior_cloud(module: VAEModule, x_all: torch.Tensor, k: int = DEFAULT_K, 
         for i in range(0, len(x_all), batch):
             x = x_all[i:i + batch]                                           # (b, p)
             q = module.inference(x)                                          # batch (b, d)
-            qz = q if proposal is None else Normal(proposal[0][i:i + batch], proposal[1][i:i + batch],
-                                                   validate_args=False)
+            qz = q if proposal is None else diagonal_normal(proposal[0][i:i + batch], proposal[1][i:i + batch])
             # one _draw(g, k) per row equals true_posterior's chunked draws: chunk is a multiple of EPS_BLOCK
-            eps = _noise(seed, i, len(x), k, qz.loc)                         # (k, b, d)
+            eps = _noise(seed, i, len(x), k, qz.mean)                         # (k, b, d)
             lw = torch.cat([module.draw(x, eps[j:j + chunk], qz=qz, weights=True, closed_form=True).log_w
                             for j in range(0, k, chunk)])                    # (k, b)
             out["w"].append(torch.softmax(lw.double(), 0).T)                 # (b, k)
-            out["z"].append((qz.loc + eps * qz.scale).transpose(0, 1).double())   # (b, k, d)
-            for key, v in (("loc", qz.loc), ("scale", qz.scale), ("mu", q.loc), ("sigma", q.scale)):
+            out["z"].append(reparameterize(qz, eps).transpose(0, 1).double())   # (b, k, d)
+            for key, v in (("loc", qz.mean), ("scale", qz.stddev), ("mu", q.mean), ("sigma", q.stddev)):
                 out[key].append(v.double())
     a = {key: torch.cat(v).cpu().numpy() for key, v in out.items()}
     return PosteriorCloud(z=a["z"], weights=a["w"], loc=a["loc"], scale=a["scale"], mu=a["mu"], sigma=a["sigma"],
@@ -380,7 +377,7 @@ def refine(module: VAEModule, x_all: torch.Tensor, steps: int = REFINE_STEPS, *,
     locs, scales = [], []
     with torch.inference_mode():
         q0 = frozen.inference(x_all)                                         # batch (n, d)
-        init = torch.stack([q0.loc, q0.scale.log()])                         # (2, n, d)
+        init = torch.stack([q0.mean, q0.stddev.log()])                       # (2, n, d)
     init = init.clone()                                                      # a normal tensor again, for autograd
     with torch.enable_grad():
         for i in range(0, len(x_all), rows):
@@ -391,7 +388,7 @@ def refine(module: VAEModule, x_all: torch.Tensor, steps: int = REFINE_STEPS, *,
             decay = torch.optim.lr_scheduler.LambdaLR(
                 opt, lambda t: 1 - (1 - REFINE_LR_END) * min(t, steps) / max(steps, 1))
             for t in range(steps):
-                qz = Normal(theta[0], theta[1].exp(), validate_args=False)   # batch (b, d)
+                qz = diagonal_normal(theta[0], theta[1].exp())               # batch (b,), event (d,)
                 e = eps.take(draws)                                          # (draws, b, d)
                 loss = -frozen.draw(x, e, qz=qz, closed_form=True).terms.elbo.sum()
                 opt.zero_grad(set_to_none=True)
@@ -490,8 +487,8 @@ def _elbos(module: VAEModule, x_all: torch.Tensor, loc: torch.Tensor, scale: tor
         for i in range(0, len(x_all), rows):
             x = x_all[i:i + rows]                                            # (b, p)
             q = module.inference(x)                                          # batch (b, d)
-            qs = Normal(loc[i:i + rows], scale[i:i + rows], validate_args=False)
-            eps = _noise(seed ^ _STREAM_ELBO, i, len(x), S, q.loc)           # (S, b, d)
+            qs = diagonal_normal(loc[i:i + rows], scale[i:i + rows])
+            eps = _noise(seed ^ _STREAM_ELBO, i, len(x), S, q.mean)           # (S, b, d)
             e = []
             for qz in (q, qs):
                 dr = module.draw(x, eps, qz=qz, closed_form=True)

@@ -1,8 +1,10 @@
 """The VAE: q(z|x) (inference), p(x|z) (generative), the prior p(z), and the one computation of the loss terms.
 
-Shapes: x (n, p); the encoder's mu, sigma (n, d); with S samples z is (S, n, d) and the
-decoder's distribution has batch shape (S, n, p). Every loss term is per sample, shape (n,);
-callers average.
+Shapes: x (n, p); q(z|x) has batch (n,) and event (d,): `Independent(Normal(mu, sigma), 1)` for the
+diagonal family, `MultivariateNormal(mu, scale_tril=L)` for the full one; p(z) has event (d,); with S
+samples z is (S, n, d) and the decoder's distribution has batch shape (S, n, p). Every loss term is
+per sample, shape (n,); callers average. Code outside this module reads q through `.mean`,
+`.stddev` (marginal) and `scale_tril(q)`, so it works for both families.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributions import Bernoulli, ContinuousBernoulli, Distribution, Normal, kl_divergence
+from torch.distributions import (Bernoulli, Categorical, ContinuousBernoulli, Distribution, Independent,
+                                 MixtureSameFamily, MultivariateNormal, Normal, kl_divergence)
 
 from .config import ModelConfig
 from .errors import ConfigError
@@ -66,12 +69,72 @@ def mlp(sizes, activation: str, last_activation: bool = True) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def diagonal_normal(mu: torch.Tensor, sigma: torch.Tensor) -> Independent:
+    """The diagonal family: N(mu, diag(sigma^2)) with batch (n,) and event (d,), for mu, sigma (n, d)."""
+    return Independent(Normal(mu, sigma, validate_args=False), 1, validate_args=False)
+
+
+def full_normal(mu: torch.Tensor, L: torch.Tensor) -> MultivariateNormal:
+    """The full family: N(mu, L L^T) for mu (n, d) and a lower-triangular L (n, d, d) with a positive diagonal."""
+    return MultivariateNormal(mu, scale_tril=L, validate_args=False)
+
+
+def scale_tril(q: Distribution) -> torch.Tensor:
+    """The Cholesky factor L of q's covariance, (..., d, d), for either family."""
+    if isinstance(q, MultivariateNormal):
+        return q.scale_tril
+    return torch.diag_embed(q.stddev)
+
+
+def covariance(q: Distribution) -> torch.Tensor:
+    """q's covariance matrix, (..., d, d), for either family."""
+    if isinstance(q, MultivariateNormal):
+        return q.covariance_matrix
+    return torch.diag_embed(q.variance)
+
+
+def log_det_scale(q: Distribution) -> torch.Tensor:
+    """log |det L| = sum log diag L, shape q's batch: the entropy's share that depends on q's spread."""
+    if isinstance(q, MultivariateNormal):
+        return q.scale_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    return q.base_dist.scale.log().sum(-1)
+
+
+def reparameterize(q: Distribution, eps: torch.Tensor) -> torch.Tensor:
+    """z = mu + L eps for standard-normal noise eps (S, n, d): given noise mapped through q."""
+    if isinstance(q, MultivariateNormal):
+        return q.loc + (q.scale_tril @ eps.unsqueeze(-1)).squeeze(-1)
+    return q.base_dist.loc + eps * q.base_dist.scale
+
+
+def detached(q: Distribution) -> Distribution:
+    """q with its parameters cut from the graph (same values): for the DReG estimator."""
+    if isinstance(q, MultivariateNormal):
+        return full_normal(q.loc.detach(), q.scale_tril.detach())
+    return diagonal_normal(q.base_dist.loc.detach(), q.base_dist.scale.detach())
+
+
+def marginals(q: Distribution) -> Distribution:
+    """The d one-dimensional marginals of a latent distribution, batch (..., d): used for per-dimension KLs.
+
+    For a mixture p(z) = sum_k w_k p_k(z) the marginal of z_j is sum_k w_k p_k(z_j).
+    """
+    if isinstance(q, MixtureSameFamily):
+        comp, logits = q.component_distribution, q.mixture_distribution.logits    # comp batch (..., K)
+        loc, std = comp.mean.movedim(-2, -1), comp.stddev.movedim(-2, -1)      # (..., d, K)
+        mix = Categorical(logits=logits.unsqueeze(-2).expand(*loc.shape), validate_args=False)
+        return MixtureSameFamily(mix, Normal(loc, std, validate_args=False), validate_args=False)
+    return Normal(q.mean, q.stddev, validate_args=False)
+
+
 class Encoder(nn.Module):
-    """x -> trunk -> x̃ -> two heads -> q(z|x) = Normal(mu(x), sigma(x)).
+    """x -> trunk -> x̃ -> heads -> q(z|x): N(mu(x), diag sigma(x)^2), or N(mu(x), L(x) L(x)^T) (full).
 
     sigma = min(softplus(sigma_head(x̃)), SIGMA_MAX) + sigma_floor: softplus keeps it positive with a
     gradient everywhere, the floor keeps log sigma and the KL finite when a head saturates, and the
-    cap keeps sigma^2 inside float32 for extreme inputs.
+    cap keeps sigma^2 inside float32 for extreme inputs. The full family puts sigma on L's diagonal
+    and a third head's d(d-1)/2 outputs below it; that head starts at zero, so a full-covariance
+    model starts as the diagonal one, and is capped like sigma.
     No batch-dependent layers: mu(x) and sigma(x) depend on x alone.
     """
 
@@ -93,15 +156,27 @@ class Encoder(nn.Module):
         else:
             self.trunk = mlp((p, *cfg.hidden), cfg.activation) if cfg.hidden else nn.Identity()
             width = cfg.hidden[-1] if cfg.hidden else p
-        self.mu_head = nn.Linear(width, cfg.latent_dim)
-        self.sigma_head = nn.Linear(width, cfg.latent_dim)
+        d = cfg.latent_dim
+        self.mu_head = nn.Linear(width, d)
+        self.sigma_head = nn.Linear(width, d)
         self.sigma_floor = cfg.sigma_floor
+        self.full = cfg.posterior == "full"
+        if self.full:
+            self.tril_head = nn.Linear(width, d * (d - 1) // 2)
+            nn.init.zeros_(self.tril_head.weight)
+            nn.init.zeros_(self.tril_head.bias)
+            self.register_buffer("tril_index", torch.tril_indices(d, d, offset=-1), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> Normal:
+    def forward(self, x: torch.Tensor) -> Distribution:
         xt = self.trunk(x)                                                   # (n, width): x̃
         mu = _fp32(self.mu_head(xt))                                         # (n, d)
         sigma = F.softplus(_fp32(self.sigma_head(xt))).clamp(max=SIGMA_MAX) + self.sigma_floor  # (n, d)
-        return Normal(mu, sigma, validate_args=False)
+        if not self.full:
+            return diagonal_normal(mu, sigma)
+        off = _fp32(self.tril_head(xt)).clamp(-SIGMA_MAX, SIGMA_MAX)         # (n, d(d-1)/2)
+        L = torch.diag_embed(sigma)                                          # (n, d, d)
+        L[:, self.tril_index[0], self.tril_index[1]] = off                   # strictly below the diagonal
+        return full_normal(mu, L)
 
 
 class Decoder(nn.Module):
@@ -157,8 +232,8 @@ class Terms:
     """Per-sample loss terms, all shape (n,) except `kl_dim` (n, d)."""
 
     rec: torch.Tensor       # E_q[log p(x|z)], Monte Carlo over the samples drawn
-    kl: torch.Tensor        # KL(q(z|x) || p(z)), analytic
-    kl_dim: torch.Tensor    # per latent dimension
+    kl: torch.Tensor        # KL(q(z|x) || p(z)): analytic where torch has the pair, else Monte Carlo (same z)
+    kl_dim: torch.Tensor    # per latent dimension: KL's own split when it factorizes, else the marginals' KLs
     elbo: torch.Tensor      # rec - kl
 
     @property
@@ -173,7 +248,7 @@ class Terms:
 class Draws:
     """S draws z = mu + sigma * eps for each of n samples, and what they give (see `VAEModule.draw`)."""
 
-    qz: Normal                       # q(z|x), batch (n, d)
+    qz: Distribution                 # q(z|x), batch (n,), event (d,)
     eps: Optional[torch.Tensor]      # (S, n, d) the given standard-normal noise; None when drawn here
     z: torch.Tensor                  # (S, n, d)
     log_px: torch.Tensor             # (S, n): log p(x|z_s)
@@ -182,11 +257,18 @@ class Draws:
 
 
 class VAEModule(nn.Module):
-    """The generative model p(z) p(x|z) with p(z) = N(0, I), and the inference model q(z|x).
+    """The generative model p(z) p(x|z) and the inference model q(z|x).
 
-    `inference(x)` and `generative(z)` are the encoder and decoder as distributions; `draw` is the
-    one place where draws of z become ELBO terms and importance log-weights: training (`forward`),
-    `terms`, `log_weights`, `iwae_bound`, `evaluate` and `uniqueness` all go through it.
+    `inference(x)` and `generative(z)` are the encoder and decoder as distributions, `prior()` is
+    p(z); `draw` is the one place where draws of z become ELBO terms and importance log-weights:
+    training (`forward`), `terms`, `log_weights`, `iwae_bound`, `evaluate` and `uniqueness` all go
+    through it.
+
+    Priors (`cfg.prior`): ``normal`` N(0, I); ``mog`` a mixture of K diagonal Gaussians with learned
+    weights, means (initialized N(0, 1)) and scales (initialized 1); ``vamp`` the VampPrior
+    (Tomczak & Welling 2018), (1/K) sum_k q(z|u_k) at K learned pseudo-inputs u_k in the model's
+    input space, initialized at K training rows (`init_prior`). The VampPrior goes through the
+    encoder, so it has the posterior's family and moves with the encoder.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -199,16 +281,79 @@ class VAEModule(nn.Module):
         # Buffers, so the prior follows the module across devices and dtypes.
         self.register_buffer("prior_loc", torch.zeros(cfg.latent_dim))
         self.register_buffer("prior_scale", torch.ones(cfg.latent_dim))
+        K, d = cfg.components, cfg.latent_dim
+        if cfg.prior == "mog":
+            self.prior_logits = nn.Parameter(torch.zeros(K))                 # (K,): mixture weights
+            self.prior_means = nn.Parameter(torch.randn(K, d))               # (K, d)
+            self.prior_raw_scales = nn.Parameter(torch.full((K, d), math.log(math.expm1(1.0))))  # softplus -> 1
+        elif cfg.prior == "vamp":
+            self.pseudo_inputs = nn.Parameter(torch.zeros(K, cfg.input_dim))  # (K, p): set by init_prior
+
+    def init_prior(self, X, seed: int) -> None:
+        """Place the VampPrior's pseudo-inputs at K rows of the training data X (n, p), chosen with `seed`.
+
+        Without replacement when K <= n; otherwise every row is used and the rest drawn again, with
+        a little noise (1% of each feature's std) so that no two pseudo-inputs stay equal. A no-op for
+        the other priors.
+        """
+        if self.cfg.prior != "vamp":
+            return
+        X = torch.as_tensor(X, dtype=torch.float32)
+        K, n = self.cfg.components, len(X)
+        g = torch.Generator().manual_seed(int(seed))
+        idx = torch.randperm(n, generator=g)[:K]
+        rows = X[idx]
+        if K > n:
+            extra = X[torch.randint(n, (K - n,), generator=g)]
+            extra = extra + 0.01 * X.std(0) * torch.randn(extra.shape, generator=g)
+            rows = torch.cat([rows, extra])
+        with torch.no_grad():
+            self.pseudo_inputs.copy_(rows.to(self.pseudo_inputs))
 
     @property
     def latent_dim(self) -> int:
         return self.cfg.latent_dim
 
-    def prior(self) -> Normal:
-        """p(z) = N(0, I), batch (d,)."""
-        return Normal(self.prior_loc, self.prior_scale, validate_args=False)
+    def prior(self) -> Distribution:
+        """p(z), event (d,): N(0, I) in the posterior's family (so the KL is analytic), a MoG, or the VampPrior."""
+        if self.cfg.prior == "mog":
+            comp = diagonal_normal(self.prior_means, F.softplus(self.prior_raw_scales) + self.cfg.sigma_floor)
+            return MixtureSameFamily(Categorical(logits=self.prior_logits, validate_args=False), comp,
+                                     validate_args=False)                    # components batch (K,)
+        if self.cfg.prior == "vamp":
+            comp = self.encoder(self.pseudo_inputs)                          # batch (K,): q(z|u_k)
+            K = self.pseudo_inputs.shape[0]
+            mix = Categorical(logits=torch.zeros(K, device=comp.mean.device), validate_args=False)
+            return MixtureSameFamily(mix, comp, validate_args=False)
+        if self.cfg.posterior == "full":
+            return full_normal(self.prior_loc, torch.diag_embed(self.prior_scale))
+        return diagonal_normal(self.prior_loc, self.prior_scale)
 
-    def inference(self, x: torch.Tensor) -> Normal:
+    def kl(self, qz: Distribution, pz: Distribution, z: torch.Tensor):
+        """KL(q(z|x) || p(z)) per sample (n,) and its per-dimension view (n, d).
+
+        Analytic where torch.distributions has the pair (found by type); otherwise Monte Carlo,
+        mean_s [log q(z_s|x) - log p(z_s)], with the draws z (S, n, d) the reconstruction used.
+        The per-dimension view is the KL's own split when q and p factorize; otherwise it is the
+        KL between the marginals of z_j (analytic or with the same draws), which does not sum to
+        the KL: it only says how much each dimension is used (no gradient flows through it).
+        """
+        if self.cfg.factorized:
+            kl_dim = kl_divergence(qz.base_dist, pz.base_dist)               # (n, d)
+            return kl_dim.sum(-1), kl_dim
+        try:
+            kl = kl_divergence(qz, pz)                                       # (n,)
+        except NotImplementedError:
+            kl = (qz.log_prob(z) - pz.log_prob(z)).mean(0)                   # (n,): Monte Carlo, same draws
+        with torch.no_grad():
+            qm, pm = marginals(qz), marginals(pz)                            # batch (n, d) and (d,)
+            try:
+                kl_dim = kl_divergence(qm, pm)                               # (n, d)
+            except NotImplementedError:
+                kl_dim = (qm.log_prob(z) - pm.log_prob(z)).mean(0)           # (n, d)
+        return kl, kl_dim
+
+    def inference(self, x: torch.Tensor) -> Distribution:
         """q(z|x) for x (n, p): batch (n, d)."""
         return self.encoder(x)
 
@@ -217,7 +362,7 @@ class VAEModule(nn.Module):
         return self.decoder(z)
 
     def draw(self, x: torch.Tensor, eps: Optional[torch.Tensor] = None, *, n_samples: int = 1,
-             target: Optional[torch.Tensor] = None, qz: Optional[Normal] = None, weights: bool = False,
+             target: Optional[torch.Tensor] = None, qz: Optional[Distribution] = None, weights: bool = False,
              dreg: bool = False, closed_form: bool = False) -> Draws:
         """Per-sample ELBO terms and, with `weights`, importance log-weights for draws z = mu + sigma * eps.
 
@@ -230,7 +375,7 @@ class VAEModule(nn.Module):
             stream, draw for draw).
         target : tensor of shape (n, p), optional
             What p(x|z) scores; default x.
-        qz : Normal of batch (n, d), optional
+        qz : q(z|x) of batch (n,), event (d,), optional
             q(z|x) to use instead of ``inference(x)``: evaluation passes the one it computed once per
             batch, the symmetry check one with a moment-matched sigma.
         weights : bool
@@ -242,16 +387,18 @@ class VAEModule(nn.Module):
             For evaluation at large S, where no gradient is wanted: log p(z) - log q(z|x) from eps in
             closed form and a Bernoulli log-density in two passes over the (S, n, p) logits instead of
             the generic log_prob's five. Equal up to float32 rounding; training keeps the generic
-            arithmetic, so both paths keep their figures bit for bit. Needs the N(0, I) prior.
+            arithmetic, so both paths keep their figures bit for bit. log q(z|x) comes from eps for
+            either family; log p(z) in closed form for N(0, I), from the prior's log_prob otherwise.
         """
         if closed_form and eps is None:  # a bug in the caller, not user input
             raise ValueError("draw(closed_form=True) computes log p(z) - log q(z|x) from eps: pass the noise")
         target = x if target is None else target
-        qz = self.inference(x) if qz is None else qz                         # batch (n, d)
+        qz = self.inference(x) if qz is None else qz                         # batch (n,), event (d,)
+        pz = self.prior()                                                    # event (d,)
         if eps is None:
             z = qz.rsample((n_samples,))                                     # (S, n, d): torch.distributions' own draw
         else:
-            z = qz.loc + eps * qz.scale                                      # (S, n, d): the given noise mapped
+            z = reparameterize(qz, eps)                                      # (S, n, d): the given noise mapped
         px = self.generative(z)                                              # batch (S, n, p)
         if closed_form and isinstance(px, Bernoulli):
             # log Bernoulli(x; sigmoid(l)) = x l - softplus(l), valid for any x in [0, 1]
@@ -259,16 +406,18 @@ class VAEModule(nn.Module):
         else:
             log_px = px.log_prob(target).sum(-1)                             # (S, n)
         log_w = None
-        if weights and closed_form:
-            # log p(z) - log q(z|x) = -z^2/2 - (-eps^2/2 - log sigma): the 2 pi terms cancel
-            log_w = log_px + (0.5 * (eps.square() - z.square()).sum(-1) + qz.scale.log().sum(-1))
+        if weights and closed_form and self.cfg.prior == "normal":
+            # log p(z) - log q(z|x) = -z^2/2 - (-eps^2/2 - log|det L|): the 2 pi terms cancel
+            log_w = log_px + (0.5 * (eps.square() - z.square()).sum(-1) + log_det_scale(qz))
+        elif weights and closed_form:
+            # -log q(z|x) = eps^2/2 + log|det L| + (d/2) log 2 pi
+            neg_log_q = 0.5 * eps.square().sum(-1) + log_det_scale(qz) + 0.5 * z.shape[-1] * math.log(2 * math.pi)
+            log_w = log_px + pz.log_prob(z) + neg_log_q                      # (S, n)
         elif weights:
-            log_pz = self.prior().log_prob(z).sum(-1)                        # (S, n)
-            q = Normal(qz.loc.detach(), qz.scale.detach(), validate_args=False) if dreg else qz
-            log_w = log_px + log_pz - q.log_prob(z).sum(-1)                  # (S, n)
+            q = detached(qz) if dreg else qz
+            log_w = log_px + pz.log_prob(z) - q.log_prob(z)                  # (S, n)
         rec = log_px.mean(0)                                                 # (n,)
-        kl_dim = kl_divergence(qz, self.prior())                             # (n, d)
-        kl = kl_dim.sum(-1)                                                  # (n,)
+        kl, kl_dim = self.kl(qz, pz, z)                                      # (n,), (n, d)
         return Draws(qz=qz, eps=eps, z=z, log_px=log_px, log_w=log_w,
                      terms=Terms(rec=rec, kl=kl, kl_dim=kl_dim, elbo=rec - kl))
 

@@ -139,8 +139,8 @@ def point_cloud_check(module, X, indices: Sequence[int], n_samples: int = 2000, 
         qz = module.inference(Xt[torch.as_tensor(idx, device=Xt.device)])     # batch (k, d)
         z = qz.rsample((n_samples,))                                         # (S, k, d)
     z = z.double().cpu().numpy()
-    mu = qz.loc.double().cpu().numpy() if mu is None else np.asarray(mu, np.float64)
-    sigma = qz.scale.double().cpu().numpy() if sigma is None else np.asarray(sigma, np.float64)
+    mu = qz.mean.double().cpu().numpy() if mu is None else np.asarray(mu, np.float64)
+    sigma = qz.stddev.double().cpu().numpy() if sigma is None else np.asarray(sigma, np.float64)
     if mu.shape != z.shape[1:] or sigma.shape != z.shape[1:]:
         raise DataError(f"mu and sigma must have shape {z.shape[1:]}, got {mu.shape} and {sigma.shape}")
     S, k, d = z.shape

@@ -310,7 +310,9 @@ def _set_up(cfg: RunConfig, X: np.ndarray, X_val: Optional[np.ndarray], run_dir:
     if device.type == "cuda" and info.distributed:
         device = torch.device("cuda", info.local_rank)
     torch.manual_seed(t.seed)
-    module = VAEModule(cfg.model).to(device)
+    module = VAEModule(cfg.model)
+    module.init_prior(X, t.seed)  # the VampPrior's pseudo-inputs at training rows; a resume loads them
+    module = module.to(device)
     params = list(module.parameters())
     opt = build_optimizer(cfg, params, device)
     # each rank trains on its own shard; shards are equal so every rank runs the same number of steps

@@ -21,11 +21,12 @@ import numpy as np
 import torch
 from scipy import stats
 from scipy.optimize import linear_sum_assignment
-from torch.distributions import Normal
+
 
 from .errors import ConfigError, DataError
 from .evaluate import to_tensor
 from .io import jsonable
+from .model import diagonal_normal
 from .posterior import active_mask, warn_batch_dependent
 
 # Per-sample relative ELBO change allowed under a signed permutation: the map is exact, and the
@@ -81,14 +82,14 @@ def batch_invariance(module, X, batch_sizes: Sequence[int] = (1, 7, 64), seed: i
             mus, sigmas = [], []
             for i in range(0, n, b):
                 q = module.inference(Xt[perm[i:i + b]])
-                mus.append(q.loc)
-                sigmas.append(q.scale)
-            mu = torch.empty_like(ref.loc)
-            sigma = torch.empty_like(ref.scale)
+                mus.append(q.mean)
+                sigmas.append(q.stddev)
+            mu = torch.empty_like(ref.mean)
+            sigma = torch.empty_like(ref.stddev)
             mu[perm] = torch.cat(mus)
             sigma[perm] = torch.cat(sigmas)
-            dmu = max(dmu, float((mu - ref.loc).abs().max()))
-            dsig = max(dsig, float((sigma - ref.scale).abs().max()))
+            dmu = max(dmu, float((mu - ref.mean).abs().max()))
+            dsig = max(dsig, float((sigma - ref.stddev).abs().max()))
     return BatchInvariance(max_abs_mu=dmu, max_abs_sigma=dsig, batch_sizes=list(batch_sizes), layers=layers,
                            atol=atol, passed=bool(dmu <= atol and dsig <= atol))
 
@@ -171,7 +172,7 @@ def elbo_with_noise(module, x: torch.Tensor, eps: torch.Tensor, sigma: Optional[
     """
     qz = module.inference(x)                                                 # batch (n, d)
     if sigma is not None:
-        qz = Normal(qz.loc, sigma, validate_args=False)
+        qz = diagonal_normal(qz.mean, sigma)
     return module.draw(x, eps, qz=qz).terms.elbo
 
 
@@ -265,12 +266,12 @@ def symmetry_report(module, X, seed: int = 0, n_samples: int = 16, n_rotations: 
         elbo = elbo_with_noise(base, x, eps)                                 # (n,)
         elbo_p = elbo_with_noise(pm, x, ts * eps[..., tp])                   # same z, mapped: z' = signs * z[perm]
         q0, qp = base.inference(x), pm.inference(x)
-        mu_change = float((qp.loc - q0.loc).abs().max())
-        mu_map = float((qp.loc - ts * q0.loc[:, tp]).abs().max())
+        mu_change = float((qp.mean - q0.mean).abs().max())
+        mu_map = float((qp.mean - ts * q0.mean[:, tp]).abs().max())
         drops, ses, matched, planes = [], [], [], []
         # planes of active latents first: rotating two collapsed latents (mu = 0, sigma = 1, unread by
         # the decoder) changes nothing, which says nothing about the code
-        act = np.flatnonzero(active_mask(q0.loc.cpu().numpy()))
+        act = np.flatnonzero(active_mask(q0.mean.cpu().numpy()))
         pool = act if len(act) >= 2 else np.arange(d)
         pairs = [(int(a), int(b)) for k, a in enumerate(pool) for b in pool[k + 1:]]
         for r in rng.permutation(len(pairs))[:n_rotations]:
@@ -280,7 +281,7 @@ def symmetry_report(module, X, seed: int = 0, n_samples: int = 16, n_rotations: 
             rm = rotate(base, R)
             Rt = torch.as_tensor(R, device=x.device)
             diff = elbo - elbo_with_noise(rm, x, eps)                        # (n,)
-            sig_mm = torch.sqrt((q0.scale ** 2) @ (Rt ** 2).T)                # (n, d)
+            sig_mm = torch.sqrt((q0.stddev ** 2) @ (Rt ** 2).T)                # (n, d)
             diff_mm = elbo - elbo_with_noise(rm, x, eps, sigma=sig_mm)
             drops.append(float(diff.mean()))
             ses.append(float(diff.std() / math.sqrt(n)) if n > 1 else 0.0)

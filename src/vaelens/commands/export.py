@@ -82,7 +82,7 @@ class EncoderExport(nn.Module):
 
     def forward(self, x):
         q = self.module.inference(x)
-        return q.loc, q.scale
+        return q.mean, q.stddev
 
 
 class DecoderExport(nn.Module):
@@ -200,9 +200,9 @@ def check_artifacts(vae: VAE, fmt: str, folder: Path, Xm: np.ndarray) -> dict:
     with torch.inference_mode():
         x = torch.as_tensor(Xm)
         q = module.inference(x)
-        z = torch.cat([q.loc, torch.randn(3, q.loc.shape[1], generator=torch.Generator().manual_seed(1))])
+        z = torch.cat([q.mean, torch.randn(3, q.mean.shape[1], generator=torch.Generator().manual_seed(1))])
         px = module.generative(z)
-    want_enc = [q.loc.numpy(), q.scale.numpy()]
+    want_enc = [q.mean.numpy(), q.stddev.numpy()]
     want_dec = [px.loc.numpy(), px.scale.numpy()] if vae.config_.model.likelihood == "gaussian" else [px.logits.numpy()]
     got_enc = _run_artifact(fmt, folder / f"encoder{SUFFIX[fmt]}", "x", Xm)
     got_dec = _run_artifact(fmt, folder / f"decoder{SUFFIX[fmt]}", "z", z.numpy())
