@@ -2,10 +2,10 @@ import math
 
 import pytest
 import torch
-from torch.distributions import Normal
+from torch.distributions import Independent, Normal
 
 from vaelens.config import ModelConfig
-from vaelens.model import VAEModule
+from vaelens.model import VAEModule, diagonal_normal
 
 
 def make(**kw):
@@ -19,14 +19,16 @@ def test_encoder_returns_normal_and_rsample_is_the_trick():
     m = make()
     x = torch.rand(5, 64)
     qz = m.encoder(x)
-    assert isinstance(qz, Normal) and qz.batch_shape == (5, 3)
-    assert (qz.scale > 0).all()
+    # the diagonal family: d independent Normals as one event of d dimensions
+    assert isinstance(qz, Independent) and isinstance(qz.base_dist, Normal)
+    assert qz.batch_shape == (5,) and qz.event_shape == (3,)
+    assert (qz.stddev > 0).all()
     torch.manual_seed(1)
     z = qz.rsample((4,))
     torch.manual_seed(1)
     eps = torch.randn(4, 5, 3)
     # z = mu + sigma * eps, bit for bit, with gradients flowing to mu and sigma
-    assert torch.equal(z, qz.loc + qz.scale * eps)
+    assert torch.equal(z, qz.mean + qz.stddev * eps)
     z.sum().backward()
     assert m.encoder.mu_head.weight.grad is not None and m.encoder.sigma_head.weight.grad is not None
 
@@ -35,7 +37,7 @@ def test_kl_is_the_analytic_gaussian_kl():
     m = make()
     x = torch.rand(6, 64)
     t = m.terms(x)
-    mu, sigma = m.encoder(x).loc, m.encoder(x).scale
+    mu, sigma = m.encoder(x).mean, m.encoder(x).stddev
     ref = 0.5 * (mu ** 2 + sigma ** 2 - 1 - 2 * torch.log(sigma))
     assert torch.allclose(t.kl_dim, ref, atol=1e-5)
     assert t.rec.shape == t.kl.shape == t.elbo.shape == (6,) and t.kl_dim.shape == (6, 3)
@@ -66,8 +68,8 @@ def test_encoder_has_no_batch_dependent_layers_and_mu_ignores_the_batch():
     bad = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.Dropout)
     assert not any(isinstance(l, bad) for l in m.encoder.modules())
     x = torch.rand(10, 64)
-    alone = m.encoder(x[3:4]).loc
-    together = m.encoder(x).loc[3:4]
+    alone = m.encoder(x[3:4]).mean
+    together = m.encoder(x).mean[3:4]
     assert torch.allclose(alone, together, atol=1e-6)
 
 
@@ -184,16 +186,17 @@ def test_draw_is_rsample_and_one_computation_for_terms_and_weights():
     assert torch.equal(s.z, z_ref) and s.eps is None
     # given noise gives the same numbers as the same noise drawn fresh (up to the rounding of (z - mu) / sigma)
     qz0 = m.inference(x)
-    g = m.draw(x, (s.z - qz0.loc) / qz0.scale, weights=True)
+    g = m.draw(x, (s.z - qz0.mean) / qz0.stddev, weights=True)
     for a, b in ((g.log_w, s.log_w), (g.terms.elbo, s.terms.elbo), (g.terms.kl_dim, s.terms.kl_dim)):
         torch.testing.assert_close(a, b)
     # the terms and the weights are what their names say
     qz, pz = m.inference(x), m.prior()
     px = m.generative(s.z)
     assert torch.equal(s.log_px, px.log_prob(x).sum(-1))
-    torch.testing.assert_close(s.log_w, s.log_px + pz.log_prob(s.z).sum(-1) - qz.log_prob(s.z).sum(-1))
+    # both are distributions over the whole latent vector (event (d,)): log_prob sums the dimensions
+    torch.testing.assert_close(s.log_w, s.log_px + pz.log_prob(s.z) - qz.log_prob(s.z))
     torch.testing.assert_close(s.terms.rec, s.log_px.mean(0))
-    torch.testing.assert_close(s.terms.kl_dim, torch.distributions.kl_divergence(qz, pz))
+    torch.testing.assert_close(s.terms.kl_dim, torch.distributions.kl_divergence(qz.base_dist, pz.base_dist))
     # terms(), log_weights() and forward() are views of the same computation, draw for draw
     torch.manual_seed(2)
     assert torch.equal(m.log_weights(x, 3), s.log_w)
@@ -223,8 +226,8 @@ def test_draw_with_another_posterior_and_float64():
     x = torch.rand(5, 64, dtype=torch.float64)
     eps = torch.randn(4, 5, 3, dtype=torch.float64)
     qz = m.inference(x)
-    q2 = Normal(qz.loc, 2 * qz.scale)
+    q2 = diagonal_normal(qz.mean, 2 * qz.stddev)
     s = m.draw(x, eps, qz=q2)
     assert s.terms.elbo.dtype == torch.float64
-    assert torch.equal(s.z, qz.loc + eps * 2 * qz.scale)
-    torch.testing.assert_close(s.terms.kl, torch.distributions.kl_divergence(q2, m.prior()).sum(-1))
+    assert torch.equal(s.z, qz.mean + eps * 2 * qz.stddev)
+    torch.testing.assert_close(s.terms.kl, torch.distributions.kl_divergence(q2, m.prior()))

@@ -102,16 +102,16 @@ def module_at(cfg, state):
 
 def kl_std_normal(q):
     """KL(N(mu, sigma) || N(0, 1)) per dimension, written out (not kl_divergence)."""
-    mu, s = q.loc, q.scale
+    mu, s = q.mean, q.stddev
     return 0.5 * (mu ** 2 + s ** 2 - 1.0) - torch.log(s)
 
 
 def iwae_terms(m, x, K, stop_q=False):
     """Importance log-weights lw (K, n) from the generator's current state, and z (K, n, d)."""
     q = m.encoder(x)
-    z = Normal(q.loc, q.scale).rsample((K,))
-    qq = Normal(q.loc.detach(), q.scale.detach()) if stop_q else Normal(q.loc, q.scale)
-    prior = Normal(torch.zeros_like(q.loc), torch.ones_like(q.scale))
+    z = Normal(q.mean, q.stddev).rsample((K,))
+    qq = Normal(q.mean.detach(), q.stddev.detach()) if stop_q else Normal(q.mean, q.stddev)
+    prior = Normal(torch.zeros_like(q.mean), torch.ones_like(q.stddev))
     lw = m.decoder(z).log_prob(x).sum(-1) + prior.log_prob(z).sum(-1) - qq.log_prob(z).sum(-1)
     return lw, z
 
@@ -119,7 +119,7 @@ def iwae_terms(m, x, K, stop_q=False):
 def elbo_terms(m, x):
     """rec (n,) with one reparameterized draw, and the per-dimension KL (n, d)."""
     q = m.encoder(x)
-    z = Normal(q.loc, q.scale).rsample((1,))
+    z = Normal(q.mean, q.stddev).rsample((1,))
     rec = m.decoder(z).log_prob(x).sum(-1).mean(0)
     return rec, kl_std_normal(q)
 
@@ -358,7 +358,7 @@ def test_activation_is_the_modules_nonlinearity(act, cls):
                 setattr(parent, name, torch.nn.ReLU())
     x = torch.as_tensor(data.load_digits().X[:20])
     with torch.no_grad():
-        assert (res.module.encoder(x).loc - relu_copy.encoder(x).loc).abs().max() > 1e-3
+        assert (res.module.encoder(x).mean - relu_copy.encoder(x).mean).abs().max() > 1e-3
 
 
 # --- learned Gaussian scales ---------------------------------------------------------------------

@@ -44,7 +44,7 @@ def encoder_of(run):
     def enc(X):
         with torch.no_grad():
             q = module.encoder(torch.as_tensor(np.asarray(X, np.float32)))
-        return q.loc.numpy(), q.scale.numpy()
+        return q.mean.numpy(), q.stddev.numpy()
 
     return enc
 
@@ -150,11 +150,11 @@ def test_iwae_bound_is_logmeanexp_of_the_weights():
     torch.manual_seed(11)
     with torch.no_grad():
         q = m.encoder(x)
-        z = Normal(q.loc, q.scale).rsample((K,))
+        z = Normal(q.mean, q.stddev).rsample((K,))
         px = m.decoder(z)
         assert isinstance(px, Bernoulli)
         lw = (Bernoulli(logits=px.logits, validate_args=False).log_prob(x).sum(-1) + Normal(0.0, 1.0).log_prob(z).sum(-1)
-              - Normal(q.loc, q.scale).log_prob(z).sum(-1))
+              - Normal(q.mean, q.stddev).log_prob(z).sum(-1))
     want = torch.logsumexp(lw.double(), 0) - math.log(K)
     torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-4)
 

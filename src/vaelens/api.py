@@ -31,7 +31,7 @@ from .evaluate import elbo_terms as _elbo_terms
 from .evaluate import encode_all as _encode_all
 from .evaluate import evaluate as _evaluate
 from .evaluate import iwae_log_likelihood as _iwae_log_likelihood
-from .model import VAEModule, seeded
+from .model import VAEModule, moments, seeded
 from .posterior import aggregate_posterior, point_cloud_check
 from .train import fit as _fit
 from .train import prepare as _prepare
@@ -42,20 +42,31 @@ ArrayLike = Union[np.ndarray, torch.Tensor, Sequence]
 
 @dataclass(frozen=True)
 class Posterior:
-    """q(z|x) = N(mu, diag(sigma^2)) for each of n samples.
+    """q(z|x) = N(mu, Sigma) for each of n samples: Sigma = diag(sigma^2), or L L^T for the full family.
 
     Attributes
     ----------
     mu : ndarray of shape (n, d)
-    sigma : ndarray of shape (n, d), all > 0
+    sigma : ndarray of shape (n, d), all > 0: the marginal standard deviations, sqrt(diag Sigma)
+    scale_tril : ndarray of shape (n, d, d), or None
+        The Cholesky factor L of Sigma for a full-covariance run (lower triangular, positive
+        diagonal); None for the diagonal family.
     """
 
     mu: np.ndarray
     sigma: np.ndarray
+    scale_tril: Optional[np.ndarray] = None
 
     @property
     def var(self) -> np.ndarray:
         return self.sigma ** 2
+
+    @property
+    def cov(self) -> np.ndarray:
+        """The covariance matrices Sigma, shape (n, d, d), for either family."""
+        if self.scale_tril is None:
+            return np.einsum("ij,jk->ijk", self.var, np.eye(self.mu.shape[1], dtype=self.var.dtype))
+        return self.scale_tril @ np.swapaxes(self.scale_tril, -1, -2)
 
     def __len__(self) -> int:
         return len(self.mu)
@@ -283,6 +294,9 @@ class VAE(TransformerMixin, BaseEstimator):
         if refine:
             loc, scale = _gap.refine(self.module_, Xt, refine, seed=0 if seed is None else seed)
             return Posterior(mu=loc.cpu().numpy().astype(np.float32), sigma=scale.cpu().numpy().astype(np.float32))
+        if self.config_.model.posterior == "full":
+            mu, sigma, L = _encode_all(self.module_, Xt, batch_size=batch_size, tril=True)
+            return Posterior(mu=mu.astype(np.float32), sigma=sigma.astype(np.float32), scale_tril=L.astype(np.float32))
         mu, sigma = _encode_all(self.module_, Xt, batch_size=batch_size)
         return Posterior(mu=mu.astype(np.float32), sigma=sigma.astype(np.float32))
 
@@ -306,12 +320,7 @@ class VAE(TransformerMixin, BaseEstimator):
     def decode(self, Z: ArrayLike, mean: bool = True) -> np.ndarray:
         """Decoder output for latent points Z (m, d): the likelihood's mean (or a draw), in data units."""
         self._check()
-        d = self.latent_dim_
-        Zt = torch.as_tensor(np.asarray(Z, dtype=np.float32), device=self.device_)
-        if Zt.ndim != 2 or Zt.shape[1] != d:
-            raise DataError(f"Z: expected shape (m, {d}), got {tuple(Zt.shape)}")
-        if not torch.isfinite(Zt).all():
-            raise DataError("Z: contains NaN or infinite values")
+        Zt = self._latent(Z)
         self.module_.eval()
         with torch.inference_mode():
             px = self.module_.generative(Zt)
@@ -324,13 +333,46 @@ class VAE(TransformerMixin, BaseEstimator):
         return self.decode(self.encode(X, seed=seed).mu)
 
     def generate(self, n: int, seed: Optional[int] = None) -> np.ndarray:
-        """Decoder means for n draws z ~ N(0, I), shape (n, p)."""
+        """Decoder means for n draws z ~ p(z) (`prior_sample`), shape (n, p)."""
+        return self.decode(self.prior_sample(n, seed))
+
+    # --- the prior p(z) -----------------------------------------------------------------------
+    def prior_sample(self, n: int, seed: Optional[int] = None) -> np.ndarray:
+        """n draws z ~ p(z), shape (n, d): N(0, I), the learned mixture, or the VampPrior."""
         self._check()
         if n < 1:
             raise ConfigError(f"n must be >= 1, got {n}")
-        g = torch.Generator().manual_seed(seed) if seed is not None else None
-        z = torch.randn(n, self.latent_dim_, generator=g)
-        return self.decode(z.numpy())
+        if self.config_.model.prior == "normal":
+            g = torch.Generator().manual_seed(seed) if seed is not None else None
+            return torch.randn(n, self.latent_dim_, generator=g).numpy()
+        self.module_.eval()
+        with torch.inference_mode(), seeded(seed, self.device_):
+            return self.module_.prior().sample((n,)).cpu().numpy()
+
+    def prior_log_prob(self, Z: ArrayLike) -> np.ndarray:
+        """log p(z) for latent points Z (m, d), shape (m,), float64."""
+        self._check()
+        Zt = self._latent(Z)
+        self.module_.eval()
+        with torch.inference_mode():
+            return self.module_.prior().log_prob(Zt).double().cpu().numpy()
+
+    def prior_moments(self) -> Tuple[np.ndarray, np.ndarray]:
+        """The prior's mean (d,) and covariance (d, d), float64: (0, I) for the normal prior."""
+        self._check()
+        self.module_.eval()
+        with torch.inference_mode():
+            mean, cov = moments(self.module_.prior())
+        return mean.double().cpu().numpy(), cov.double().cpu().numpy()
+
+    def _latent(self, Z: ArrayLike) -> torch.Tensor:
+        d = self.latent_dim_
+        Zt = torch.as_tensor(np.asarray(Z, dtype=np.float32), device=self.device_)
+        if Zt.ndim != 2 or Zt.shape[1] != d:
+            raise DataError(f"Z: expected shape (m, {d}), got {tuple(Zt.shape)}")
+        if not torch.isfinite(Zt).all():
+            raise DataError("Z: contains NaN or infinite values")
+        return Zt
 
     def elbo_terms(self, X: ArrayLike, n_samples: int = 1, seed: Optional[int] = 0,
                    batch_size: int = 4096) -> dict:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from . import dist
 from .errors import ConfigError, DataError
-from .model import VAEModule, seeded
+from .model import VAEModule, scale_tril, seeded
 
 ACTIVE_THRESHOLD = 0.01  # Burda et al. 2016: a unit is active when Cov_x(E_q[z_u]) exceeds this
 # (z, x) pairs per decoder call: large enough for big matmuls, small enough (tens of MB on MNIST)
@@ -335,17 +335,23 @@ def _log_mixture(z: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) -> torc
     return torch.cat(out)
 
 
-def encode_all(module: VAEModule, X: ArrayLike, batch_size: int = 4096):
-    """Posterior means and scales of every sample, float64 numpy arrays of shape (n, d)."""
+def encode_all(module: VAEModule, X: ArrayLike, batch_size: int = 4096, tril: bool = False):
+    """Posterior means and marginal scales of every sample, float64 numpy arrays of shape (n, d).
+
+    With `tril` also the Cholesky factors L of the covariances, (n, d, d) (diagonal for the diagonal family).
+    """
     x_all = to_tensor(module, X)
-    mus, sigmas = [], []
+    mus, sigmas, Ls = [], [], []
     module.eval()
     with torch.inference_mode():
         for i in range(0, len(x_all), batch_size):
-            qz = module.inference(x_all[i:i + batch_size])                 # batch (b, d)
+            qz = module.inference(x_all[i:i + batch_size])                 # batch (b,), event (d,)
             mus.append(qz.mean.double())
             sigmas.append(qz.stddev.double())
-    return torch.cat(mus).cpu().numpy(), torch.cat(sigmas).cpu().numpy()
+            if tril:
+                Ls.append(scale_tril(qz).double())
+    out = torch.cat(mus).cpu().numpy(), torch.cat(sigmas).cpu().numpy()
+    return (*out, torch.cat(Ls).cpu().numpy()) if tril else out
 
 
 def evaluate(module: VAEModule, X: ArrayLike, iw_samples: int = 5000, *, elbo_samples: int = 10,

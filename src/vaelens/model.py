@@ -127,6 +127,19 @@ def marginals(q: Distribution) -> Distribution:
     return Normal(q.mean, q.stddev, validate_args=False)
 
 
+def moments(p: Distribution):
+    """Mean (..., d) and covariance (..., d, d) of a latent distribution: a Gaussian of either family or a
+    mixture of them, whose covariance is sum_k w_k (S_k + m_k m_k^T) - m m^T."""
+    if not isinstance(p, MixtureSameFamily):
+        return p.mean, covariance(p)
+    comp = p.component_distribution                                          # batch (..., K)
+    w = p.mixture_distribution.probs                                         # (..., K)
+    m_k, S_k = comp.mean, covariance(comp)                                   # (..., K, d), (..., K, d, d)
+    mean = (w.unsqueeze(-1) * m_k).sum(-2)                                   # (..., d)
+    second = (w[..., None, None] * (S_k + m_k.unsqueeze(-1) * m_k.unsqueeze(-2))).sum(-3)
+    return mean, second - mean.unsqueeze(-1) * mean.unsqueeze(-2)
+
+
 class Encoder(nn.Module):
     """x -> trunk -> x̃ -> heads -> q(z|x): N(mu(x), diag sigma(x)^2), or N(mu(x), L(x) L(x)^T) (full).
 
