@@ -473,8 +473,8 @@ def test_sigma_kl_and_likelihood_finite_or_signed_for_extreme_inputs(likelihood)
         for scale in (1e30, -1e30, 1e-30, 0.0):
             qz = m.encoder(x * scale)
             # sigma = min(softplus(.), SIGMA_MAX) + floor: finite and at least the floor however large the input
-            assert torch.isfinite(qz.loc).all() and torch.isfinite(qz.scale).all()
-            assert (qz.scale >= m.encoder.sigma_floor * (1 - 1e-6)).all()
+            assert torch.isfinite(qz.mean).all() and torch.isfinite(qz.stddev).all()
+            assert (qz.stddev >= m.encoder.sigma_floor * (1 - 1e-6)).all()
             t = m.terms(x * scale if likelihood == "gaussian" else (x * scale).clamp(0, 1))
             # the true KL for |mu| ~ 1e31 is ~1e62, beyond float32: +inf is the honest answer, NaN never is
             assert not torch.isnan(t.kl).any() and (t.kl >= -1e-5).all()
