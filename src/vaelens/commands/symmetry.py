@@ -97,7 +97,8 @@ class SymmetryResult(Result):
             k = r.kinds[kind]
             if k["tried"]:
                 out.append(f"  {_PLURAL[kind] + ':':<20} {'invariant' if k['invariant'] else 'NOT invariant'} "
-                           f"({k['tried']} tried; largest change {k['worst_change']:+.4f} ± {k['worst_se']:.4f})")
+                           f"({k['tried']} tried; largest change {_num(k['worst_change'], 0).strip()} ± "
+                           f"{_num(k['worst_se'], 0).strip()})")
         unchanged = "unchanged" if r.perm_invariant else "CHANGED"
         out.append(f"verdict: ELBO {unchanged} under signed permutation; group measured: {r.group}")
         return out
