@@ -55,7 +55,7 @@ def add_parser(subparsers):
     p.add_argument("--samples", type=int, default=16, help="draws of z per sample for the ELBO")
     p.add_argument("--atol", type=float, default=ELBO_ATOL,
                    help="a map is free when |ELBO change| <= max(3 s.e., ATOL) nats per sample")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the maps and the noise")
     common.add_json_args(p)
     return p
 
