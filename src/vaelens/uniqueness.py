@@ -25,7 +25,6 @@ from scipy import stats
 from scipy.linalg import orthogonal_procrustes
 from scipy.optimize import linear_sum_assignment
 
-
 from .errors import ConfigError, DataError
 from .evaluate import to_tensor
 from .io import jsonable
