@@ -52,7 +52,7 @@ def prior_mixture(vae) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
             w, m, C = pz.mixture_distribution.probs, comp.mean, covariance(comp)
         else:
             w, m, C = torch.ones(1), pz.mean[None], covariance(pz)[None]
-    return tuple(t.double().cpu().numpy() for t in (w, m, C))
+        return tuple(t.double().cpu().numpy() for t in (w, m, C))
 
 
 def _mixture(w: np.ndarray, m: np.ndarray, C: np.ndarray) -> MixtureSameFamily:
@@ -102,3 +102,21 @@ def blocks(cov: np.ndarray, dims: Sequence[int]) -> np.ndarray:
     """The 2x2 blocks of covariance matrices (n, d, d) for the dimensions dims = (i, j): shape (n, 2, 2)."""
     i, j = dims
     return np.asarray(cov)[:, [i, j]][:, :, [i, j]]
+
+
+def prior_overlay(vae, dims: Sequence[int], mu: np.ndarray, grid: int = 121) -> dict:
+    """The prior's marginal density over dims = (i, j) on a grid covering the posterior means mu (n, d)
+    shown and the prior's own mass (its mean ± 4 marginal stds), with the density levels enclosing
+    `SIGMA_MASSES` of it: ``u`` (G,), ``v`` (G,), ``density`` (G, G), ``levels`` [2], ``name``.
+    """
+    mean, sd = prior_marginal_moments(vae)
+    axes = []
+    for j in dims:
+        lo = min(float(np.quantile(mu[:, j], 0.002)), mean[j] - 4 * sd[j], -3.0)
+        hi = max(float(np.quantile(mu[:, j], 0.998)), mean[j] + 4 * sd[j], 3.0)
+        pad = 0.1 * (hi - lo)  # beyond any view of the page that shows these means
+        axes.append(np.linspace(lo - pad, hi + pad, grid))
+    u, v = axes
+    density = prior_density_2d(vae, dims, u, v)                              # (G, G)
+    levels = mass_levels(density, (u[1] - u[0]) * (v[1] - v[0]))
+    return {"u": u, "v": v, "density": density, "levels": levels, "name": prior_name(vae.config_.model)}

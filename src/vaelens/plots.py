@@ -115,10 +115,17 @@ def _prior_overlay(ax, prior: Optional[dict], dims) -> str:
             ax.add_patch(Ellipse((0, 0), 2 * m, 2 * m, fill=False, ec="0.5", lw=0.8, ls="--"))
         return "grey dashed: prior N(0, I) 1σ, 2σ"
     u, v, p = prior["u"], prior["v"], np.asarray(prior["density"])
+    # The view holds what is already drawn and the prior's 86% region, not the whole density grid.
+    inside = p >= min(prior["levels"])                                      # (Gv, Gu)
+    cols, rows = np.nonzero(inside.any(0))[0], np.nonzero(inside.any(1))[0]
+    if len(cols):
+        ax.update_datalim([(u[cols[0]], v[rows[0]]), (u[cols[-1]], v[rows[-1]])])
+    view = ax.dataLim.frozen()
     ax.contourf(u, v, p, levels=np.linspace(0, float(p.max()), 9)[1:], cmap="Greys", alpha=0.35, zorder=0,
                 extend="max")
     ax.contour(u, v, p, levels=sorted(prior["levels"]), colors="0.35", linewidths=0.9, linestyles="--", zorder=1)
-    return f"grey: prior {prior['name']}, density of (z{dims[0]}, z{dims[1]}); dashed: 39%, 86% of its mass"
+    ax.dataLim.set(view)  # the contours' grid does not widen the view
+    return f"grey: prior {prior['name']}, p(z{dims[0]}, z{dims[1]}); dashed: 39%, 86% of its mass"
 
 
 def _new(nrows: int = 1, ncols: int = 1, w: float = 4.0, h: float = 3.2, **kw):
@@ -319,8 +326,9 @@ def latent_map_figure(mu: np.ndarray, sigma: np.ndarray, dims: Sequence[int] = (
     ax.set_aspect("equal", adjustable="datalim")
     ax.grid(alpha=0.3)
     what = "ellipses mu ± 1σ (solid), 2σ (dotted)" if cov is None else "ellipses 1σ, 2σ of the full covariance"
+    sep = "; " if prior is None else "\n"  # a mixture prior's words take a line of their own
     ax.set_title(f"latent map: mu(x) in z{i}, z{j}; {what}\n"
-                 f"{prior_words}{'; ' + note if note else ''}", fontsize=9)
+                 f"{prior_words}{sep + note if note else ''}", fontsize=9)
     fig.tight_layout()
     return fig
 

@@ -30,6 +30,7 @@ from .data import Dataset
 from .errors import DataError, OutputError, VaelensError
 from .evaluate import ACTIVE_THRESHOLD, active_units
 from .gap import MIN_ESS, PARETO_K_MAX
+from .latentview import family_text, prior_mixture, prior_name, prior_overlay
 from .plots import (aggregate_posterior_figure, feature_reconstruction_figure, heatmap_figure,
                     images_figure, interpolation_figure, latent_map_figure, point_cloud_figure,
                     reconstructions_figure, scatter_matrix_figure, training_curves_figure, traversal_figure,
@@ -161,10 +162,10 @@ def build_report(run_dir: Union[str, Path], data: Union[Dataset, np.ndarray, Non
         _section_images(page, vae, ds, mu, activity, order, rng, seed, numbers, say)
     else:
         _sectiontable(page, vae, ds, seed, say)
-    _section_latent_map(page, ds, mu, sigma, activity, order, dims, n_ellipses, rng, numbers, say)
+    _section_latent_map(page, vae, ds, post, activity, order, dims, n_ellipses, rng, numbers, say)
     cloud_idx = _section_point_cloud(page, vae, ds, mu, order, n_cloud, cloud_samples, rng, seed, numbers, say)
     _section_true_posterior(page, vae, ds, order, cloud_idx[:GAP_SAMPLES], gap, seed, numbers, say)
-    _section_aggregate(page, mu, sigma, numbers, say)
+    _section_aggregate(page, vae, mu, sigma, numbers, say)
     _section_compare(page, run_dir, (mu, sigma), raw_X, compare_runs, seed, numbers, say)
     notes += _tidy_figures(fig_dir, page.figures, overwrite)
 
@@ -245,6 +246,8 @@ def _dataset(data, cfg) -> Dataset:
 def _section_run(page, run_dir, vae, ds, evaluate, seed, numbers, say):
     s = page.section("run", "The run")
     cfg = vae.config_
+    numbers.update(posterior=cfg.model.posterior, prior=cfg.model.prior, prior_components=cfg.model.components,
+                   prior_name=prior_name(cfg.model))
     history, summary = ck.read_metrics(run_dir), ck.read_summary(run_dir)
     m, t = cfg.model, cfg.train
     rows = [("data", f"{ds.name or '(array)'}: {ds.n} samples shown, {ds.p} features"
@@ -253,6 +256,7 @@ def _section_run(page, run_dir, vae, ds, evaluate, seed, numbers, say):
             ("model", f"{m.arch} {m.input_dim}-{'-'.join(map(str, m.hidden)) or '(linear)'}-{m.latent_dim}, "
                       f"likelihood {m.likelihood}{'/' + m.gaussian_scale if m.likelihood == 'gaussian' else ''}, "
                       f"activation {m.activation}"),
+            ("latent families", family_text(m)),
             ("training", f"{t.objective}{' K=%d' % t.iw_samples if t.objective == 'iwae' else ''}{' DReG' if t.dreg else ''}, "
                          f"{t.optimizer} "
                          f"lr {t.lr:g}, batch {t.batch_size}, epochs {t.epochs}, beta {t.beta:g}, seed {t.seed}"),
@@ -299,19 +303,25 @@ def _section_images(page, vae, ds, mu, activity, order, rng, seed, numbers, say)
     page.figure(s, "reconstructions", reconstructions_figure(ds.X[idx], vae.decode(mu[idx]), shape),
                 f"{k} random samples (seed {seed}){', binarized' if numbers['binarized'] else ''}; "
                 f"reconstructions are decoder means, not draws")
-    page.figure(s, "prior_samples", images_figure(vae.generate(64, seed=seed), shape, "decoded z ~ N(0, I)", 8),
-                "decoder means of 64 draws from the prior")
+    pname = prior_name(vae.config_.model)
+    page.figure(s, "prior_samples", images_figure(vae.generate(64, seed=seed), shape, f"decoded z ~ {pname}", 8),
+                f"decoder means of 64 draws from the prior {pname}")
     s.body.append("</div>")
     threshold = numbers["active_threshold"]
     dims = [int(j) for j in order[:8] if activity[j] > threshold] or [int(order[0])]
     values = np.linspace(-3, 3, 9)
-    # Start from the prior mean so each row shows what one dimension alone controls.
-    z = np.zeros((len(dims), len(values), mu.shape[1]), dtype=np.float32)
+    # Start from the prior mean so each row shows what one dimension alone controls; steps in the
+    # prior's marginal stds (N(0, I): the values themselves).
+    p_mean, p_cov = vae.prior_moments()
+    p_sd = np.sqrt(np.diag(p_cov))
+    z = np.tile(p_mean.astype(np.float32), (len(dims), len(values), 1))
     for r, j in enumerate(dims):
-        z[r, :, j] = values
+        z[r, :, j] = p_mean[j] + values * p_sd[j]
     imgs = vae.decode(z.reshape(-1, mu.shape[1])).reshape(len(dims), len(values), -1)
+    moves = ("from -3 to 3, the others held at 0" if vae.config_.model.prior == "normal" else
+             f"from -3 to 3 marginal standard deviations of the prior {pname} around its mean, the others at its mean")
     page.figure(s, "traversals", traversal_figure(imgs, shape, dims, values),
-                f"each row moves one active latent dimension from -3 to 3, the others held at 0 "
+                f"each row moves one active latent dimension {moves} "
                 f"({len(dims)} of {int((activity > threshold).sum())} active dimensions shown)")
     a, b = _two_samples(ds, rng)
     w = np.linspace(0, 1, 10)[:, None]
@@ -351,8 +361,9 @@ def _sectiontable(page, vae, ds, seed, say):
     s.body.append("<h3>First samples and their reconstructions</h3>" + table(rows, ["sample"] + [names[j] for j in cols]))
 
 
-def _section_latent_map(page, ds, mu, sigma, activity, order, dims, n_ellipses, rng, numbers, say):
+def _section_latent_map(page, vae, ds, post, activity, order, dims, n_ellipses, rng, numbers, say):
     s = page.section("latent-map", "The latent map")
+    mu, sigma = post.mu, post.sigma                                          # (n, d)
     d = mu.shape[1]
     if dims is None:
         if d < 2:
@@ -364,11 +375,18 @@ def _section_latent_map(page, ds, mu, sigma, activity, order, dims, n_ellipses, 
     k = min(n_ellipses, ds.n)
     idx = np.sort(rng.choice(ds.n, k, replace=False))
     numbers["latent_map_dims"] = list(dims)
+    # full covariance: the ellipses of the 2x2 blocks of L L^T (n, d, d); a mixture prior: its density
+    cov = post.cov if post.scale_tril is not None else None
+    prior = prior_overlay(vae, dims, mu) if vae.config_.model.prior != "normal" else None
     page.figure(s, "latent_map", latent_map_figure(mu, sigma, dims, ds.y, idx, ds.label_names,
-                                                   note=f"{k} samples with ellipses"),
+                                                   note=f"{k} samples with ellipses", cov=cov, prior=prior),
                 f"every sample's posterior mean in z{dims[0]}, z{dims[1]} (activity Var mu "
                 f"{activity[dims[0]]:.3g} and {activity[dims[1]]:.3g})"
-                + ("; coloured by label" if ds.y is not None else ""))
+                + ("; coloured by label" if ds.y is not None else "")
+                + ("; ellipses from the full covariance of q(z|x)" if cov is not None else "")
+                + (f"; shaded: the prior {prior['name']}'s density of (z{dims[0]}, z{dims[1]}), the mixture of its "
+                   f"components' 2-d marginals, dashed where it encloses 39% and 86% of the prior's mass (as "
+                   f"a Gaussian's 1σ and 2σ ellipses)" if prior is not None else ""))
 
 
 def _section_point_cloud(page, vae, ds, mu, order, n_cloud, cloud_samples, rng, seed, numbers, say):
@@ -379,7 +397,9 @@ def _section_point_cloud(page, vae, ds, mu, order, n_cloud, cloud_samples, rng, 
     say("point clouds")
     chk = vae.check(ds.X, indices=idx, n_samples=cloud_samples, seed=seed, level=0.01)
     names = [f"sample {i}" + (f" (label {ds.label_of(i)})" if ds.y is not None else "") for i in idx]
-    page.figure(s, "point_cloud", point_cloud_figure(chk.z, chk.mu, chk.sigma, chk.emp_mean, chk.emp_std, dims, names),
+    cov = vae.encode(ds.X[idx], seed=seed).cov if vae.config_.model.posterior == "full" else None  # (k, d, d)
+    page.figure(s, "point_cloud", point_cloud_figure(chk.z, chk.mu, chk.sigma, chk.emp_mean, chk.emp_std, dims, names,
+                                                     cov=cov),
                 f"{chk.n_samples} reparameterized draws z = mu(x) + sigma(x)·eps for each of {len(idx)} samples "
                 f"in z{dims[0]}, z{dims[1]}: the encoder's ellipse against the draws' empirical mean and std")
     verdict = "passed" if chk.passed else "FAILED"
@@ -414,8 +434,9 @@ def _section_true_posterior(page, vae, ds, order, idx, gap, seed, numbers, say):
     notes = [f"ESS {tp.ess[r]:.0f} of {GAP_K}, Pareto k {tp.pareto_k[r]:.2f}{'' if tp.reliable[r] else ' (!)'}\n"
              f"gap approx. {g.approximation_gap[r]:.2f}±{g.approximation_gap_se[r]:.2f}, "
              f"amort. {g.amortization_gap[r]:.2f}±{g.amortization_gap_se[r]:.2f}" for r in range(len(idx))]
+    cov = vae.encode(X, seed=seed).cov if vae.config_.model.posterior == "full" else None  # (k, d, d)
     page.figure(s, "true_posterior", true_posterior_figure(c.z, c.weights, c.mu, c.sigma, g.mu_opt, g.sigma_opt,
-                                                           tp.mean, dims, names, notes),
+                                                           tp.mean, dims, names, notes, cov=cov),
                 f"{GAP_K} draws from q* ({GAP_STEPS} Adam steps from the encoder) per sample in z{dims[0]}, "
                 f"z{dims[1]}, sized and shaded by their self-normalized importance weight p(x, z) / q*(z): "
                 f"the model's own posterior p(z|x). Red: the encoder's mu ± 1σ, 2σ; green: q*, the best "
@@ -436,10 +457,13 @@ def _section_true_posterior(page, vae, ds, order, idx, gap, seed, numbers, say):
                                  "approximation_gap": g.approximation_gap, "amortization_gap": g.amortization_gap}
 
 
-def _section_aggregate(page, mu, sigma, numbers, say):
+def _section_aggregate(page, vae, mu, sigma, numbers, say):
     s = page.section("aggregate", "The aggregate posterior against the prior")
     say("aggregate posterior")
     agg = aggregate_posterior(mu, sigma)
+    numbers["aggregate"] = agg.to_dict()
+    if vae.config_.model.prior != "normal":
+        return _aggregate_against_mixture(s, page, vae, mu, sigma, agg, numbers)
     page.figure(s, "variance_split", variance_split_figure(agg.between, agg.within),
                 "Var z_j = Var_x mu_j(x) (what tells samples apart) + E_x sigma_j(x)² (each sample's own "
                 "uncertainty); the prior asks for 1")
@@ -452,7 +476,34 @@ def _section_aggregate(page, mu, sigma, numbers, say):
                                 "KL moment-matched", "active"]))
     s.body.append(f'<p class="muted">KL(N(mean, cov) || N(0, I)) = {agg.kl_moment_matched:.4g} nats, a lower bound on '
                   f'KL(q(z) || p(z)); the ELBO\'s KL term averaged over the samples is {agg.mean_kl:.4g} nats.</p>')
-    numbers["aggregate"] = agg.to_dict()
+
+
+def _aggregate_against_mixture(s, page, vae, mu, sigma, agg, numbers):
+    """The aggregate posterior's moments and marginals against a mixture prior's (MoG, VampPrior).
+
+    The N(0, I) figures of `aggregate_posterior` (its moment-matched KL, the ELBO's KL against N(0, I))
+    do not apply, so they are not shown; the prior's mean and marginal variance are.
+    """
+    name = prior_name(vae.config_.model)
+    p_mean, p_cov = vae.prior_moments()
+    p_var = np.diag(p_cov)
+    w, m, C = prior_mixture(vae)                                             # (K,), (K, d), (K, d, d)
+    comps = (w, m, np.sqrt(np.diagonal(C, axis1=1, axis2=2)))                # each component's marginal stds (K, d)
+    page.figure(s, "variance_split", variance_split_figure(agg.between, agg.within, prior_var=p_var),
+                f"Var z_j = Var_x mu_j(x) (what tells samples apart) + E_x sigma_j(x)² (each sample's own "
+                f"uncertainty); dashed: the prior {name}'s marginal variance")
+    page.figure(s, "aggregate_posterior", aggregate_posterior_figure(mu, sigma, prior=comps, prior_name=name),
+                f"the mixture of every sample's N(mu, sigma²) against the prior {name}'s marginal p(z_j) (the "
+                f"mixture of its components' marginals), per dimension")
+    rows = [[f"z{j}", float(agg.mean[j]), float(p_mean[j]), float(agg.between[j]), float(agg.within[j]),
+             float(agg.total[j]), float(p_var[j]), float(agg.share_between[j]), "yes" if agg.active[j] else "no"]
+            for j in range(len(agg.mean))]
+    s.body.append(table(rows, ["dim", "mean", "prior mean", "between (Var mu)", "within (E σ²)", "total",
+                                "prior variance", "share between", "active"]))
+    s.body.append(f'<p class="muted">The prior is {html.escape(name)}: the aggregate posterior q(z) should match its '
+                  f'moments (VAE.prior_moments) and marginals. Run <code>vaelens posterior</code> for '
+                  f'KL(q(z) || p(z)).</p>')
+    numbers["aggregate"].update(prior_mean=p_mean, prior_var=p_var)
 
 
 def _section_compare(page, run_dir, posterior, raw_X, compare_runs, seed, numbers, say):
