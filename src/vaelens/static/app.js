@@ -39,16 +39,33 @@ function quantile(sorted, q) {
   return sorted[i];
 }
 
-// The view spans the data's mu in the two chosen dimensions and at least the prior's ±3.
+// The view spans the data's mu in the two chosen dimensions and at least the prior's ±3 (a mixture
+// prior: and where its density encloses 86% of its mass).
 function computeView() {
-  const ext = (j) => {
+  const box = priorBox();
+  const ext = (j, k) => {
     const v = S.map.mu.map((m) => m[j]).sort((a, b) => a - b);
     let lo = Math.min(quantile(v, 0.002), -3), hi = Math.max(quantile(v, 0.998), 3);
+    if (box) { lo = Math.min(lo, box[k][0]); hi = Math.max(hi, box[k][1]); }
     const pad = 0.05 * (hi - lo);
     return [lo - pad, hi + pad];
   };
   const c = $("map");
-  S.view = { x: ext(S.dimX), y: ext(S.dimY), w: c.clientWidth || 560, h: c.clientHeight || 560 };
+  S.view = { x: ext(S.dimX, 0), y: ext(S.dimY, 1), w: c.clientWidth || 560, h: c.clientHeight || 560 };
+}
+
+// [[u lo, u hi], [v lo, v hi]] of the grid cells where the shown mixture prior's density is above its
+// lowest contour level; null without one
+function priorBox() {
+  const P = S.info.prior !== "normal" && pairIs(S.prior) ? S.prior : null;
+  if (!P) return null;
+  const level = Math.min(...P.levels), box = [[Infinity, -Infinity], [Infinity, -Infinity]];
+  P.density.forEach((row, a) => row.forEach((d, b) => {
+    if (d < level) return;
+    box[0] = [Math.min(box[0][0], P.u[b]), Math.max(box[0][1], P.u[b])];
+    box[1] = [Math.min(box[1][0], P.v[a]), Math.max(box[1][1], P.v[a])];
+  }));
+  return box[0][0] <= box[0][1] ? box : null;
 }
 
 function toScreen(u, v) {
