@@ -151,7 +151,7 @@ def test_digits_report(digits_copy, digits_run, tmp_path):
     def post(run):
         with torch.no_grad():
             q = VAE.load(run).module_.eval().encoder(torch.as_tensor(Xs))
-        return q.loc.double().numpy(), q.scale.double().numpy()
+        return q.mean.double().numpy(), q.stddev.double().numpy()
 
     mu, sigma = post(digits_copy)
     agg = rep.numbers["aggregate"]
@@ -394,6 +394,10 @@ def test_report_for_posterior_families_and_priors(posterior, prior, k, name, tmp
     assert name in text and ("full-covariance" in text) == (posterior == "full")
     assert (rep.numbers["posterior"], rep.numbers["prior"], rep.numbers["prior_name"]) == (posterior, prior, name)
     assert "prior_var" in rep.numbers["aggregate"] and "KL moment-matched" not in text  # N(0, I)'s figures do not apply
+    from vaelens.commands.report import ReportResult
+
+    lines = "\n".join(ReportResult(rep, run).lines())  # what `vaelens report` prints
+    assert f"{posterior} q(z|x), prior {name}" in lines and "prior_var" not in lines
     post = vae.encode(ds.X)
     if posterior == "full":
         np.testing.assert_allclose(seen["cov"], post.scale_tril @ np.swapaxes(post.scale_tril, 1, 2), rtol=1e-5, atol=1e-7)
