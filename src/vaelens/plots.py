@@ -80,10 +80,9 @@ def mixture_density(t: np.ndarray, mu: np.ndarray, sigma: np.ndarray,
 
 
 def ellipse_axes(cov: np.ndarray):
-    """The 1-sigma ellipse of N(m, cov) for 2x2 covariances cov (..., 2, 2): its full width along
-    the major axis, full height along the minor axis, and the major axis's angle in degrees
-    (counter-clockwise from the first coordinate), each of shape (...). The m-sigma ellipse is m
-    times as wide and high: {z : (z - m)^T cov^-1 (z - m) = m^2}."""
+    """The 1-sigma ellipse of N(., cov) for 2x2 covariances (..., 2, 2): full width along the major axis,
+    full height along the minor one, the major axis's angle in degrees from the first coordinate, each
+    (...). The k-sigma ellipse {z : (z - m)^T cov^-1 (z - m) = k^2} is k times as wide and high."""
     lam, vec = np.linalg.eigh(np.asarray(cov, dtype=np.float64))          # ascending eigenvalues
     lam = np.clip(lam, 0.0, None)  # a rounding-level negative eigenvalue is a flat ellipse, not NaN
     angle = np.degrees(np.arctan2(vec[..., 1, 1], vec[..., 0, 1]))          # the major eigenvector's direction
@@ -438,26 +437,22 @@ def aggregate_posterior_figure(mu: np.ndarray, sigma: np.ndarray, dims: Optional
     """
     d = mu.shape[1]
     dims = list(range(d)) if dims is None else list(dims)
+    w, m, sd = prior if prior is not None else (np.ones(1), np.zeros((1, d)), np.ones((1, d)))  # N(0, 1): one
     fig, panels = _panels(len(dims), w=3.0, h=2.4)
     for a, ax in enumerate(panels):
         j = dims[a]
-        lo = min(-4.0, float(np.min(mu[:, j] - 3 * sigma[:, j])))
-        hi = max(4.0, float(np.max(mu[:, j] + 3 * sigma[:, j])))
-        if prior is not None:  # and the prior's own mass
-            lo = min(lo, float(np.min(prior[1][:, j] - 4 * prior[2][:, j])))
-            hi = max(hi, float(np.max(prior[1][:, j] + 4 * prior[2][:, j])))
+        # the grid holds the posteriors' mu ± 3 sigma and the prior's mean ± 4 sd (N(0, 1): ±4)
+        lo = min(float(np.min(m[:, j] - 4 * sd[:, j])), float(np.min(mu[:, j] - 3 * sigma[:, j])))
+        hi = max(float(np.max(m[:, j] + 4 * sd[:, j])), float(np.max(mu[:, j] + 3 * sigma[:, j])))
         t = np.linspace(lo, hi, grid)
         # A mixture of n Gaussians on the grid, (grid, n) at a time; n is subsampled by callers.
         q = mixture_density(t, mu[:, j], sigma[:, j])
-        if prior is None:
-            p = mixture_density(t, np.zeros(1), np.ones(1))
-        else:
-            p = mixture_density(t, prior[1][:, j], prior[2][:, j], prior[0])
+        p = mixture_density(t, m[:, j], sd[:, j], w)
         ax.fill_between(t, q, color="tab:blue", alpha=0.35, lw=0)
         ax.plot(t, q, color="tab:blue", lw=1.2, label="aggregate q(z)")
         ax.plot(t, p, color="0.3", ls="--", lw=1.0, label=f"prior {prior_name}")
         # Cap the height so one near-deterministic dimension does not flatten the prior curve.
-        top = float(q.max()) if prior is None else float(max(q.max(), p.max()))
+        top = float(max(q.max(), p.max()))  # N(0, 1)'s 0.40 is under 0.45: as before for it
         ax.set_ylim(0, min(top * 1.1, 2.0) if top > 0.45 else 0.48)
         between, within = float(mu[:, j].var()), float((sigma[:, j] ** 2).mean())
         ax.set_title(f"z{j}: Var mu {between:.2f} + E σ² {within:.2f}", fontsize=8.5)
