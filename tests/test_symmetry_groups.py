@@ -103,12 +103,13 @@ def test_symmetry_group_per_family_and_prior(digits_x, posterior, prior, group):
     vae = _fit(digits_x, 10, latent_dim=3, hidden=(16,), batch_size=100, posterior=posterior, prior=prior, **kw)
     r = symmetry_report(vae.module_, vae.model_input(digits_x), n_samples=16, n_rotations=2, n_orthogonal=2)
     assert r.group == group, {k: (v["worst_change"], v["worst_se"]) for k, v in r.kinds.items()}
-    # measured and theory agree: a kind the families hold exactly changes the ELBO by rounding (~1e-15),
-    # one they do not has a map that changes it by 0.003 nats or more (measured, seed 0). Ten epochs in,
+    # measured and theory agree: a kind the families hold exactly changes the ELBO by rounding only (~1e-15;
+    # up to ~1e-7 where the mixture prior's matmul density sums the permuted dimensions in another order and
+    # rounds to float32), one they do not has a map that changes it by 0.003 nats or more (measured, seed 0). Ten epochs in,
     # the model is not at an optimum, so a map may also raise the ELBO: either way it is no symmetry.
     for kind in r.kinds.values():
         if kind["exact"]:
-            assert kind["invariant"] and abs(kind["worst_change"]) < 1e-10
+            assert kind["invariant"] and abs(kind["worst_change"]) < 1e-6
         else:
             assert abs(kind["worst_change"]) > 0.003
     assert r.perm_invariant and r.perm_max_rel_diff < 1e-12
