@@ -112,7 +112,8 @@ def test_symmetry_group_per_family_and_prior(digits_x, posterior, prior, group):
             assert kind["invariant"] and abs(kind["worst_change"]) < 1e-6
         else:
             assert abs(kind["worst_change"]) > 0.003
-    assert r.perm_invariant and r.perm_max_rel_diff < 1e-12
+    # relative: rounding only (float64 arithmetic; ~1e-9 where the mixture prior sums permuted dims in another order)
+    assert r.perm_invariant and r.perm_max_rel_diff < 1e-8
     json.dumps(r.to_dict())
 
 
