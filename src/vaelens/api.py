@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Tuple, Union
 
@@ -32,44 +31,12 @@ from .evaluate import encode_all as _encode_all
 from .evaluate import evaluate as _evaluate
 from .evaluate import iwae_log_likelihood as _iwae_log_likelihood
 from .model import VAEModule, moments, seeded
-from .posterior import aggregate_posterior, point_cloud_check
+from .posterior import Posterior, aggregate_posterior, point_cloud_check
 from .train import fit as _fit
 from .train import prepare as _prepare
 from .uniqueness import symmetry_report
 
 ArrayLike = Union[np.ndarray, torch.Tensor, Sequence]
-
-
-@dataclass(frozen=True)
-class Posterior:
-    """q(z|x) = N(mu, Sigma) for each of n samples: Sigma = diag(sigma^2), or L L^T for the full family.
-
-    Attributes
-    ----------
-    mu : ndarray of shape (n, d)
-    sigma : ndarray of shape (n, d), all > 0: the marginal standard deviations, sqrt(diag Sigma)
-    scale_tril : ndarray of shape (n, d, d), or None
-        The Cholesky factor L of Sigma for a full-covariance run (lower triangular, positive
-        diagonal); None for the diagonal family.
-    """
-
-    mu: np.ndarray
-    sigma: np.ndarray
-    scale_tril: Optional[np.ndarray] = None
-
-    @property
-    def var(self) -> np.ndarray:
-        return self.sigma ** 2
-
-    @property
-    def cov(self) -> np.ndarray:
-        """The covariance matrices Sigma, shape (n, d, d), for either family."""
-        if self.scale_tril is None:
-            return np.einsum("ij,jk->ijk", self.var, np.eye(self.mu.shape[1], dtype=self.var.dtype))
-        return self.scale_tril @ np.swapaxes(self.scale_tril, -1, -2)
-
-    def __len__(self) -> int:
-        return len(self.mu)
 
 
 # --- the estimator's parameters --------------------------------------------------------------
