@@ -1,5 +1,10 @@
 """`vaelens export`: the encoder (x -> mu, sigma) and the decoder (z -> the likelihood's parameters) as
-standalone ONNX or torch.export artifacts, with export.json describing them, checked before they are kept."""
+standalone ONNX or torch.export artifacts, with export.json describing them, checked before they are kept.
+
+A full-covariance run's encoder has a third output, scale_tril (batch, d, d): the Cholesky factor L of
+q(z|x)'s covariance L L^T (sigma stays the marginal std). The prior (N(0, I), a mixture, the VampPrior)
+is not part of either graph: a mixture prior's parameters are in the run's weights, and export.json
+names the prior, so that a user who samples z ~ p(z) knows which one to draw from."""
 
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from .. import data as data_mod
 from ..api import VAE
 from ..errors import DataError, OutputError, VaelensError
 from ..io import check_writable, fsync_dir, write_json
+from ..model import scale_tril
 from . import _common as common
 from .render import Result
 
@@ -37,7 +43,8 @@ def add_parser(subparsers):
     p = common.add_parser(
         subparsers, NAME, epilog=_EPILOG,
         help="write the encoder and decoder as standalone ONNX or torch.export artifacts",
-        description="Export the run's encoder (x -> mu, sigma of q(z|x)) and decoder (z -> the likelihood's "
+        description="Export the run's encoder (x -> mu, sigma of q(z|x); a full-covariance run also gives "
+                    "scale_tril, the Cholesky factor of the covariance) and decoder (z -> the likelihood's "
                     "parameters: logits, or loc and scale) into --out: encoder.onnx and decoder.onnx (ONNX, "
                     "dynamic batch dimension) or encoder.pt2 and decoder.pt2 (torch.export programs), and "
                     "export.json with their inputs, outputs, the preprocessing the encoder expects (the inputs "
@@ -74,15 +81,16 @@ class ExportResult(Result):
 
 
 class EncoderExport(nn.Module):
-    """x (model units) -> (mu, sigma): the module's own inference network, its Normal unpacked."""
+    """x (model units) -> (mu, sigma), and scale_tril for the full family: the module's own inference
+    network, its distribution unpacked (sigma the marginal std)."""
 
     def __init__(self, module):
         super().__init__()
-        self.module = module
+        self.module, self.full = module, module.cfg.posterior == "full"
 
     def forward(self, x):
         q = self.module.inference(x)
-        return q.mean, q.stddev
+        return (q.mean, q.stddev, scale_tril(q)) if self.full else (q.mean, q.stddev)
 
 
 class DecoderExport(nn.Module):
@@ -171,7 +179,8 @@ def _example(vae: VAE):
 def write_artifacts(vae: VAE, fmt: str, folder: Path):
     """encoder/decoder artifacts in `folder`: (file names, {name: (inputs, outputs)})."""
     gaussian = vae.config_.model.likelihood == "gaussian"
-    spec = {"encoder": (["x"], ["mu", "sigma"]),
+    full = vae.config_.model.posterior == "full"
+    spec = {"encoder": (["x"], ["mu", "sigma"] + (["scale_tril"] if full else [])),
             "decoder": (["z"], ["loc", "scale"] if gaussian else ["logits"])}
     mods = {"encoder": EncoderExport(vae.module_), "decoder": DecoderExport(vae.module_, vae.config_.model.likelihood)}
     x, z = _example(vae)
@@ -202,11 +211,13 @@ def check_artifacts(vae: VAE, fmt: str, folder: Path, Xm: np.ndarray) -> dict:
         q = module.inference(x)
         z = torch.cat([q.mean, torch.randn(3, q.mean.shape[1], generator=torch.Generator().manual_seed(1))])
         px = module.generative(z)
-    want_enc = [q.mean.numpy(), q.stddev.numpy()]
+    want_enc = [q.mean.numpy(), q.stddev.numpy()] + ([scale_tril(q).numpy()] if vae.config_.model.posterior == "full"
+                                                     else [])
     want_dec = [px.loc.numpy(), px.scale.numpy()] if vae.config_.model.likelihood == "gaussian" else [px.logits.numpy()]
     got_enc = _run_artifact(fmt, folder / f"encoder{SUFFIX[fmt]}", "x", Xm)
     got_dec = _run_artifact(fmt, folder / f"decoder{SUFFIX[fmt]}", "z", z.numpy())
-    names = ["mu", "sigma"] + (["loc", "scale"] if len(want_dec) == 2 else ["logits"])
+    names = ["mu", "sigma"] + (["scale_tril"] if len(want_enc) == 3 else []) + (["loc", "scale"] if len(want_dec) == 2
+                                                                             else ["logits"])
     diffs = {}
     for name, want, got in zip(names, want_enc + want_dec, got_enc + got_dec):
         diffs[name] = float(np.max(np.abs(want - got))) if want.shape == got.shape else float("inf")
@@ -226,11 +237,21 @@ def _run_artifact(fmt: str, path: Path, input_name: str, value: np.ndarray) -> l
     return [o.numpy() for o in (out if isinstance(out, (tuple, list)) else (out,))]
 
 
+def _family(m) -> dict:
+    """export.json's posterior family and prior; the diagonal family with N(0, I) adds nothing (its file is as it was)."""
+    if m.posterior == "diagonal" and m.prior == "normal":
+        return {}
+    return {"posterior": m.posterior, "prior": m.prior, "prior_components": m.components,
+            "prior_note": "the artifacts hold q(z|x) and p(x|z) only; p(z) is not exported"
+                          + ("" if m.prior == "normal" else " (its parameters are in the run's model.safetensors)")}
+
+
 def describe(vae: VAE, args, files: list, spec: dict, diffs: dict, rows: int) -> dict:
     """export.json: what each artifact takes and gives, the preprocessing, the run's config."""
     cfg = vae.config_
     p, d = vae.n_features_in_, vae.latent_dim_
-    shapes = {"x": ["batch", p], "mu": ["batch", d], "sigma": ["batch", d], "z": ["batch", d],
+    shapes = {"x": ["batch", p], "mu": ["batch", d], "sigma": ["batch", d], "scale_tril": ["batch", d, d],
+              "z": ["batch", d],
               "logits": ["batch", p], "loc": ["batch", p], "scale": ["batch", p]}
     arts = {name: {"file": f, "inputs": [{"name": n, "shape": shapes[n], "dtype": "float32"} for n in spec[name][0]],
                    "outputs": [{"name": n, "shape": shapes[n], "dtype": "float32"} for n in spec[name][1]]}
@@ -246,5 +267,6 @@ def describe(vae: VAE, args, files: list, spec: dict, diffs: dict, rows: int) ->
             "exporter": (f"torch.onnx.export (TorchScript-based, dynamo=False), opset {ONNX_OPSET}"
                          if args.format == "onnx" else "torch.export.export, saved with torch.export.save"),
             "likelihood": cfg.model.likelihood, "image_shape": cfg.model.image_shape, "artifacts": arts,
+            **_family(cfg.model),
             "preprocessing": pre, "check": {"rows": rows, "atol": ATOL, "max_abs_diff": diffs},
             "config": cfg.to_dict()}
