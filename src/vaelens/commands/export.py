@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import __version__
@@ -23,7 +24,7 @@ from .. import data as data_mod
 from ..api import VAE
 from ..errors import DataError, OutputError, VaelensError
 from ..io import check_writable, fsync_dir, write_json
-from ..model import scale_tril
+from ..model import SIGMA_MAX, scale_tril
 from . import _common as common
 from .render import Result
 
@@ -82,15 +83,38 @@ class ExportResult(Result):
 
 class EncoderExport(nn.Module):
     """x (model units) -> (mu, sigma), and scale_tril for the full family: the module's own inference
-    network, its distribution unpacked (sigma the marginal std)."""
+    network, its distribution unpacked (sigma the marginal std).
+
+    The full family's L is assembled here as [sigma, below] @ P, P a constant 0/1 placement matrix,
+    from the encoder's own heads with its own arithmetic (`model.Encoder.forward`): the encoder writes
+    the entries below the diagonal by indexed assignment, which the TorchScript ONNX exporter cannot
+    express. `check_artifacts` compares the result with the model's L before anything is kept.
+    """
 
     def __init__(self, module):
         super().__init__()
-        self.module, self.full = module, module.cfg.posterior == "full"
+        # the encoder alone, not the module: a mixture prior's parameters (the VampPrior's pseudo-inputs)
+        # are no part of the graph
+        self.encoder, self.full, self.d = module.encoder, module.cfg.posterior == "full", module.latent_dim
+        if self.full:
+            d = module.latent_dim
+            below = torch.tril_indices(d, d, offset=-1)
+            cells = torch.cat([torch.arange(d) * (d + 1), below[0] * d + below[1]])   # diagonal, then below it
+            place = torch.zeros(len(cells), d * d)
+            place[torch.arange(len(cells)), cells] = 1.0
+            self.register_buffer("place", place, persistent=False)           # (d(d+1)/2, d^2)
 
     def forward(self, x):
-        q = self.module.inference(x)
-        return (q.mean, q.stddev, scale_tril(q)) if self.full else (q.mean, q.stddev)
+        if not self.full:
+            q = self.encoder(x)                                              # q(z|x): `VAEModule.inference`
+            return q.mean, q.stddev
+        enc, d = self.encoder, self.d
+        xt = enc.trunk(x)                                                    # (n, width)
+        mu = enc.mu_head(xt)                                                 # (n, d)
+        sigma = F.softplus(enc.sigma_head(xt)).clamp(max=SIGMA_MAX) + enc.sigma_floor   # (n, d): L's diagonal
+        off = enc.tril_head(xt).clamp(-SIGMA_MAX, SIGMA_MAX)                 # (n, d(d-1)/2): below it
+        L = (torch.cat([sigma, off], 1) @ self.place).reshape(-1, d, d)      # (n, d, d)
+        return mu, L.square().sum(-1).sqrt(), L
 
 
 class DecoderExport(nn.Module):
@@ -98,10 +122,10 @@ class DecoderExport(nn.Module):
 
     def __init__(self, module, likelihood: str):
         super().__init__()
-        self.module, self.gaussian = module, likelihood == "gaussian"
+        self.decoder, self.gaussian = module.decoder, likelihood == "gaussian"
 
     def forward(self, z):
-        px = self.module.generative(z)
+        px = self.decoder(z)                                                 # p(x|z): `VAEModule.generative`
         return (px.loc, px.scale) if self.gaussian else px.logits
 
 
