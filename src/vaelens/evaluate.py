@@ -37,7 +37,7 @@ EPS_BLOCK = 128
 _MIXTURE_BLOCK = 4_000_000
 # A mixture prior's log_prob broadcasts every z against its K components: temporaries of pairs x K x d
 # entries. Calls are sized so that one such temporary holds at most this many (64 MB in float32; the
-# log-density makes about four), whatever K: a VampPrior of K = 500 in d = 50 gets 671 pairs per call.
+# log-density makes about four), whatever K: a VampPrior of K = 500 in d = 50 gets 640 pairs per call.
 PRIOR_ENTRIES = 1 << 24
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
@@ -147,13 +147,15 @@ def bits_per_dim(nats: ArrayLike, p: int) -> np.ndarray:
 def rows_per_call(module: VAEModule) -> int:
     """(z, x) pairs per call of `VAEModule.draw`: `ROWS_PER_CALL`, fewer for a prior of many components.
 
-    N(0, I) costs d per pair, a mixture K d (see `PRIOR_ENTRIES`); never below `EPS_BLOCK`, the fewest
-    draws of a row that one call takes. The normal prior keeps ROWS_PER_CALL, and with it its chunking.
+    N(0, I) costs d per pair, a mixture K d (see `PRIOR_ENTRIES`). For a mixture the count is a multiple
+    of `EPS_BLOCK` (at least one block, the fewest draws of a row that one call takes), so that rounding
+    a row's draws per call up to whole blocks never takes a call past it. The normal prior keeps
+    ROWS_PER_CALL, and with it its chunking.
     """
     cfg = module.cfg
     if cfg.prior == "normal":
         return ROWS_PER_CALL
-    return max(EPS_BLOCK, min(ROWS_PER_CALL, PRIOR_ENTRIES // (cfg.components * cfg.latent_dim)))
+    return max(EPS_BLOCK, min(ROWS_PER_CALL, PRIOR_ENTRIES // (cfg.components * cfg.latent_dim)) // EPS_BLOCK * EPS_BLOCK)
 
 
 # --- per-sample terms -----------------------------------------------------------------------------
