@@ -22,7 +22,7 @@ from vaelens import VAE
 from vaelens import evaluate as ev
 from vaelens.data import load_digits
 from vaelens.model import diagonal_normal, full_normal
-from vaelens.posterior import aggregate_monte_carlo, aggregate_posterior
+from vaelens.posterior import aggregate_monte_carlo
 
 COMBOS = [(post, prior) for post in ("diagonal", "full") for prior in ("normal", "mog", "vamp")]
 

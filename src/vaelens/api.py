@@ -353,7 +353,8 @@ class VAE(TransformerMixin, BaseEstimator):
     def elbo_terms(self, X: ArrayLike, n_samples: int = 1, seed: Optional[int] = 0,
                    batch_size: int = 4096) -> dict:
         """Per-sample ELBO terms in nats: ``elbo``, ``rec`` (E_q[log p(x|z)], `n_samples` seeded draws) and
-        ``kl`` (KL(q(z|x) || p(z)), analytic), each of shape (n,)."""
+        ``kl`` (KL(q(z|x) || p(z)), analytic; Monte Carlo on the same draws for a mixture prior), each of
+        shape (n,)."""
         Xt = self._tensor(X, seed)
         return _elbo_terms(self.module_, Xt, n_samples=n_samples, batch_size=batch_size, seed=seed)
 

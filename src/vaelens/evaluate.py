@@ -61,7 +61,8 @@ class Evaluation:
     Attributes
     ----------
     elbo, rec, kl : ndarray of shape (n,)
-        Per-sample ELBO = rec - kl in nats; rec is a Monte Carlo estimate, kl analytic.
+        Per-sample ELBO = rec - kl in nats; rec is a Monte Carlo estimate, kl analytic (Monte Carlo
+        with the same draws for a mixture prior: `VAEModule.kl`).
     kl_dim : ndarray of shape (n, d)
     log_likelihood : ndarray of shape (n,) or None
         IWAE estimate of log p(x) with `iw_samples` importance samples (None when 0).
@@ -155,7 +156,8 @@ def rows_per_call(module: VAEModule) -> int:
     cfg = module.cfg
     if cfg.prior == "normal":
         return ROWS_PER_CALL
-    return max(EPS_BLOCK, min(ROWS_PER_CALL, PRIOR_ENTRIES // (cfg.components * cfg.latent_dim)) // EPS_BLOCK * EPS_BLOCK)
+    rows = min(ROWS_PER_CALL, PRIOR_ENTRIES // (cfg.components * cfg.latent_dim))
+    return max(EPS_BLOCK, rows // EPS_BLOCK * EPS_BLOCK)
 
 
 # --- per-sample terms -----------------------------------------------------------------------------
@@ -203,7 +205,8 @@ def iwae_log_likelihood(module: VAEModule, X: ArrayLike, k: int = 5000, *, chunk
         Importance samples per data point (5000 in the standard protocol).
     chunk_size, batch_size : int, optional
         Importance samples and data points per decoder call; by default about `rows_per_call`
-        (z, x) pairs per call (`ROWS_PER_CALL`, fewer for a mixture prior of many components); chunk_size is rounded up to a multiple of `EPS_BLOCK`. They change
+        (z, x) pairs per call (`ROWS_PER_CALL`, fewer for a mixture prior of many components);
+        chunk_size is rounded up to a multiple of `EPS_BLOCK`. They change
         speed and memory, not the figures.
     progress : bool
         Show a tqdm bar over the data points (this process's share of them).
@@ -389,7 +392,7 @@ def _log_mixture_full(z: torch.Tensor, mu: torch.Tensor, L: torch.Tensor) -> tor
         b = len(Lb)
         Li = torch.linalg.solve_triangular(Lb, torch.eye(d, dtype=Lb.dtype).expand(b, d, d), upper=False)
         c = (Li @ mu[j:j + comps].unsqueeze(-1)).squeeze(-1)                # (b, d): L^-1 mu
-        W = Li.reshape(b * d, d).T                                           # (d, b d): column k d + a is row a of L_k^-1
+        W = Li.reshape(b * d, d).T                                           # (d, b d): column k d + a = row a of L_k^-1
         log_norm = -Lb.diagonal(dim1=-2, dim2=-1).log().sum(-1) - 0.5 * d * math.log(2 * math.pi)   # (b,)
         rows = max(1, _MIXTURE_BLOCK // (b * d))
         part = torch.cat([torch.logsumexp(log_norm - 0.5 * ((z[i:i + rows] @ W).reshape(-1, b, d) - c)

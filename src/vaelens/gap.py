@@ -264,7 +264,8 @@ def true_posterior(module: VAEModule, x_all: torch.Tensor, k: int = DEFAULT_K, s
     """Importance-sampled moments of p(z|x) for every row of x_all (n, p), in the model's units.
 
     The proposal is the encoder's q(z|x), or with `proposal` = (loc, scale), tensors (n, d) and
-    (n, d) or (n, d, d) (a Cholesky factor), another Gaussian per row, such as q* from `refine`: any proposal gives consistent moments and an
+    (n, d) or (n, d, d) (a Cholesky factor), another Gaussian per row, such as q* from `refine`: any
+    proposal gives consistent moments and an
     IWAE-type estimate of log p(x), and one closer to p(z|x) gives a larger ESS (in 50 latent
     dimensions the encoder's q often leaves an ESS of a few draws in a thousand). `mu`, `sigma` of the
     result are always the encoder's.
@@ -438,7 +439,7 @@ class InferenceGaps:
     log_px, log_px_se : (n,)
         Importance-weighted estimate with k draws from the proposal (`posterior`'s weights).
     elbo_amortized, elbo_amortized_se : (n,)
-        L[q] of the encoder's q, `elbo_draws` fresh draws (analytic KL).
+        L[q] of the encoder's q, `elbo_draws` fresh draws (analytic KL where torch has it).
     elbo_optimal, elbo_optimal_se : (n,)
         L[q*] on the same fresh draws (common random numbers), independent of the optimization's.
     approximation_gap, approximation_gap_se : (n,)
@@ -549,6 +550,7 @@ def inference_gaps(module: VAEModule, x_all: torch.Tensor, k: int = DEFAULT_K, s
                          elbo_optimal=ev["optimal"], elbo_optimal_se=ev["optimal_se"],
                          approximation_gap=tp.log_px - ev["optimal"], approximation_gap_se=approx_se,
                          amortization_gap=ev["optimal"] - ev["amortized"], amortization_gap_se=ev["diff_se"],
-                         mu_opt=loc.double().cpu().numpy(), sigma_opt=gaussian(loc, scale).stddev.double().cpu().numpy(),
+                         mu_opt=loc.double().cpu().numpy(),
+                         sigma_opt=gaussian(loc, scale).stddev.double().cpu().numpy(),
                          posterior=tp, k=k, steps=steps, lr=lr, draws=draws, elbo_draws=elbo_draws,
                          scale_tril_opt=scale.double().cpu().numpy() if scale.ndim == 3 else None)

@@ -416,7 +416,8 @@ def _kl_from_mixture(mu, sigma, L, mean, total, cov, prior, seed):
     Lp, info_p = torch.linalg.cholesky_ex(p_cov)
     kl_mm = math.inf
     if info == 0 and info_p == 0:
-        kl_mm = float(kl_divergence(MultivariateNormal(t(mean), scale_tril=La), MultivariateNormal(p_mean, scale_tril=Lp)))
+        kl_mm = float(kl_divergence(MultivariateNormal(t(mean), scale_tril=La),
+                                    MultivariateNormal(p_mean, scale_tril=Lp)))
     n, d = mu.shape
     S = max(2, MEAN_KL_DRAWS // n)
     q = diagonal_normal(t(mu), t(sigma)) if L is None else full_normal(t(mu), t(L))   # batch (n,)

@@ -262,7 +262,7 @@ def _run_artifact(fmt: str, path: Path, input_name: str, value: np.ndarray) -> l
 
 
 def _family(m) -> dict:
-    """export.json's posterior family and prior; the diagonal family with N(0, I) adds nothing (its file is as it was)."""
+    """export.json's posterior family and prior; a diagonal run with N(0, I) adds nothing (its file is as it was)."""
     if m.posterior == "diagonal" and m.prior == "normal":
         return {}
     return {"posterior": m.posterior, "prior": m.prior, "prior_components": m.components,

@@ -67,7 +67,8 @@ class PosteriorResult(Result):
         if normal:
             out += [f"  KL(N(mean, cov) || N(0, I)), moment-matched: {agg.kl_moment_matched:.4f} nats (a lower bound)",
                     f"  KL(q(z) || N(0, I)), Monte Carlo:          {mc.kl_mixture:.4f} ± {mc.kl_mixture_se:.4f} nats",
-                    f"  mean KL(q(z|x) || p(z)) (the ELBO's term): {agg.mean_kl:.4f} nats; I(x; z) = {mc.mutual_info:.4f}"]
+                    f"  mean KL(q(z|x) || p(z)) (the ELBO's term): {agg.mean_kl:.4f} nats; "
+                    f"I(x; z) = {mc.mutual_info:.4f}"]
         else:
             out += [f"  p(z)'s moments (p mean, p var above); KL between the Gaussians of q(z)'s and p(z)'s moments: "
                     f"{agg.kl_moment_matched:.4f} nats (compares moments; no bound for a mixture prior)",
