@@ -35,7 +35,6 @@ from .plots import (aggregate_posterior_figure, feature_reconstruction_figure, h
                     images_figure, interpolation_figure, latent_map_figure, point_cloud_figure,
                     reconstructions_figure, scatter_matrix_figure, training_curves_figure, traversal_figure,
                     true_posterior_figure, variance_split_figure)
-from .posterior import aggregate_posterior
 from .report_page import Page, flatten, table
 from .uniqueness import compare
 
@@ -165,7 +164,7 @@ def build_report(run_dir: Union[str, Path], data: Union[Dataset, np.ndarray, Non
     _section_latent_map(page, vae, ds, post, activity, order, dims, n_ellipses, rng, numbers, say)
     cloud_idx = _section_point_cloud(page, vae, ds, mu, order, n_cloud, cloud_samples, rng, seed, numbers, say)
     _section_true_posterior(page, vae, ds, order, cloud_idx[:GAP_SAMPLES], gap, seed, numbers, say)
-    _section_aggregate(page, vae, mu, sigma, numbers, say)
+    _section_aggregate(page, vae, ds.X, seed, mu, sigma, numbers, say)
     _section_compare(page, run_dir, (mu, sigma), raw_X, compare_runs, seed, numbers, say)
     notes += _tidy_figures(fig_dir, page.figures, overwrite)
 
@@ -457,10 +456,10 @@ def _section_true_posterior(page, vae, ds, order, idx, gap, seed, numbers, say):
                                  "approximation_gap": g.approximation_gap, "amortization_gap": g.amortization_gap}
 
 
-def _section_aggregate(page, vae, mu, sigma, numbers, say):
+def _section_aggregate(page, vae, X, seed, mu, sigma, numbers, say):
     s = page.section("aggregate", "The aggregate posterior against the prior")
     say("aggregate posterior")
-    agg = aggregate_posterior(mu, sigma)
+    agg = vae.aggregate_posterior(X, seed=seed)  # the run's family (full covariances) and prior
     numbers["aggregate"] = agg.to_dict()
     if vae.config_.model.prior != "normal":
         return _aggregate_against_mixture(s, page, vae, mu, sigma, agg, numbers)

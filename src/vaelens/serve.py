@@ -36,7 +36,6 @@ from .data import Dataset
 from .errors import DataError, VaelensError
 from .evaluate import active_units
 from .latentview import blocks, prior_density_1d, prior_marginal_moments, prior_name, prior_overlay
-from .posterior import aggregate_posterior
 from .webguard import Guard
 
 # Large data sets are shown as a seeded subsample: a browser draws 5000 points smoothly.
@@ -329,7 +328,7 @@ class Explorer:
         mixture prior for its own marginal variance (`prior_var`).
         """
         mu, sigma = self.mu.astype(np.float64), self.sigma.astype(np.float64)
-        agg = aggregate_posterior(mu, sigma)
+        agg = self.vae.aggregate_posterior(self.X, seed=seed)  # the run's family (full covariances) and prior
         prior = Normal(torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
         mixture = self.vae.config_.model.prior != "normal"
         if mixture:
