@@ -1,9 +1,10 @@
 """The training loop.
 
-The whole training set lives in one tensor on the training device; each epoch draws a
+A training set that fits lives in one tensor on the training device; each epoch draws a
 seeded permutation and slices batches from it, so there is no DataLoader or per-sample
-Python work. Randomness is a function of (seed, epoch, rank): resuming from a checkpoint,
-or running under torchrun, reproduces the same shuffles and binarizations.
+Python work. One that does not is read in blocks (`vaelens.stream`), and the loop takes its
+batches in the same place. Randomness is a function of (seed, epoch, rank): resuming from a
+checkpoint, or running under torchrun, reproduces the same shuffles and binarizations.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ck
 from . import data as data_mod
-from . import dist
+from . import dist, shards, stream
 from .checkpoint import TrainState
 from .config import RunConfig
 from .data import Dataset
@@ -32,7 +33,7 @@ from .model import VAEModule, flush_denormals
 # re-exported: callers and tests reach them as vaelens.train.*
 from .train_parts import (SignalStop, bf16_autocast, binarize_dynamic, build_optimizer, build_scheduler,  # noqa: F401
                           check_weights, diverged_message, last_checkpoint, resolve_device,
-                          validation_terms)
+                          validation_terms, validation_terms_of)
 from .train_parts import epoch_seed as _epoch_seed
 
 _VAL_SEED_OFFSET = 7_919  # validation noise is seeded apart from the training stream
@@ -55,12 +56,20 @@ class TrainResult:
     summary: dict = field(default_factory=dict)
 
 
-def prepare(cfg: RunConfig, train: Dataset, val: Optional[Dataset] = None):
+def prepare(cfg: RunConfig, train, val: Optional[Dataset] = None):
     """Fill the config from the data (input size, image shape, standardization) and split.
 
     Returns (cfg, X_train, X_val) with arrays already transformed and, for static
-    binarization, binarized. Validates the data against the likelihood.
+    binarization, binarized. Validates the data against the likelihood. `train` is a Dataset, or a
+    `shards.ShardSet` (`stream.choose`): streamed, X_train is a `stream.StreamData` (so it is for a
+    Dataset with --stream on), and a set that is not streamed is loaded here.
     """
+    if isinstance(train, shards.ShardSet):
+        if stream.streams(cfg, train):
+            return stream.prepare_stream(cfg, train, val)
+        train = train.to_dataset()
+    elif cfg.train.stream == "on":
+        return stream.prepare_stream(cfg, shards.from_dataset(train), val)
     X = train.X
     if cfg.data.binarize != "none" and cfg.model.likelihood == "gaussian":
         raise ConfigError("data.binarize needs a bernoulli likelihood, not gaussian")
@@ -105,16 +114,17 @@ class _Run:
     params: list
     opt: torch.optim.Optimizer
     sched: Optional[object]
-    X: torch.Tensor  # this rank's shard of the training set, on the device
+    X: Optional[torch.Tensor]  # this rank's shard of the training set, on the device (None: streamed)
     X_val: Optional[torch.Tensor]
+    stream: Optional[stream.StreamData]  # the training set read in blocks, or None
     batch_size: int  # per rank
-    steps_per_epoch: int
+    steps_per_epoch: int  # of the data in memory; streamed, each epoch's (`_epoch_batches`)
     out: Optional[Path]  # the run directory this process writes (rank 0 only); None: nothing is written
     stopper: Optional["SignalStop"]  # None when signals are left alone
     autocast: object  # bf16 autocast, or a no-op context
 
 
-def fit(cfg: RunConfig, X: np.ndarray, X_val: Optional[np.ndarray] = None, *, run_dir: Optional[Path] = None,
+def fit(cfg: RunConfig, X, X_val: Optional[np.ndarray] = None, *, run_dir: Optional[Path] = None,
         resume: bool = False, progress: Optional[bool] = None,
         on_epoch: Optional[Callable[..., None]] = None, handle_signals: bool = False,
         checkpoint_interval_s: float = 10.0, on_epoch_model: bool = False) -> TrainResult:
@@ -124,7 +134,7 @@ def fit(cfg: RunConfig, X: np.ndarray, X_val: Optional[np.ndarray] = None, *, ru
     ----------
     cfg : RunConfig
         With model.input_dim set.
-    X : ndarray of shape (n, p)
+    X : ndarray of shape (n, p), or a `stream.StreamData` (data read in blocks; see `prepare`)
     X_val : ndarray of shape (m, p), optional
         For early stopping and best-checkpoint selection; without it the training loss is used.
     run_dir : Path, optional
@@ -154,12 +164,15 @@ def fit(cfg: RunConfig, X: np.ndarray, X_val: Optional[np.ndarray] = None, *, ru
         while state.epoch < t.epochs:
             epoch, t0 = state.epoch, time.perf_counter()  # the epoch's time includes its shuffle and binarization
             # shuffle and binarize (and seed the epoch's noise, unless resuming within it)
-            perm, X_epoch = _epoch_data(run, epoch, X_epoch, reseed=state.step == 0)
+            batches, n_steps, X_epoch = _epoch_batches(run, epoch, state.step, X_epoch)
             # steps, from where an interrupted epoch stopped
             run.module.train()
             beta = t.beta * min(1.0, (epoch + 1) / t.warmup_epochs) if t.warmup_epochs else t.beta
             sums, kl_dim_sum = _epoch_sums(run, state)
-            interrupted, step, last = _train_steps(run, state, X_epoch, perm, beta, sums, kl_dim_sum, last)
+            try:
+                interrupted, step, last = _train_steps(run, state, batches, n_steps, beta, sums, kl_dim_sum, last)
+            finally:
+                batches.close()  # a streamed epoch's reader thread ends here, however the steps ended
             if interrupted:  # a signal mid-epoch
                 _save_mid_epoch(run, state, step, sums, kl_dim_sum, last)
                 break
@@ -196,7 +209,7 @@ def fit(cfg: RunConfig, X: np.ndarray, X_val: Optional[np.ndarray] = None, *, ru
     return _finish(run, state, history, stopped_early, interrupted, run_dir)
 
 
-def _set_up(cfg: RunConfig, X: np.ndarray, X_val: Optional[np.ndarray], run_dir: Optional[Path],
+def _set_up(cfg: RunConfig, X, X_val: Optional[np.ndarray], run_dir: Optional[Path],
             handle_signals: bool) -> _Run:
     """Device and ranks, the model (its initial weights a function of the seed alone), optimizer,
     schedule, and this rank's shard of the data on the device."""
@@ -207,19 +220,26 @@ def _set_up(cfg: RunConfig, X: np.ndarray, X_val: Optional[np.ndarray], run_dir:
         device = torch.device("cuda", info.local_rank)
     torch.manual_seed(t.seed)
     module = VAEModule(cfg.model)
-    module.init_prior(X, t.seed)  # the VampPrior's pseudo-inputs at training rows; a resume loads them
+    # the VampPrior's pseudo-inputs at training rows (streamed: among the first K of the seeded order); a resume
+    # loads them
+    streamed = isinstance(X, stream.StreamData)
+    module.init_prior(X.head(cfg.model.components) if streamed and cfg.model.prior == "vamp" else X, t.seed)
     module = module.to(device)
     params = list(module.parameters())
     opt = build_optimizer(cfg, params, device)
     # each rank trains on its own shard; shards are equal so every rank runs the same number of steps
-    n_shard = len(X) // info.world_size
+    n_rows = X.n_train if streamed else len(X)
+    n_shard = n_rows // info.world_size
     if n_shard < 1:
-        raise ConfigError(f"{len(X)} training samples cannot be shared among {info.world_size} processes")
+        raise ConfigError(f"{n_rows} training samples cannot be shared among {info.world_size} processes")
+    if streamed:
+        X.epoch_windows(0, info.rank, info.world_size)  # enough blocks for every process, or say so now
     shard = np.arange(info.rank, n_shard * info.world_size, info.world_size)
     local_bs = max(1, t.batch_size // info.world_size)
     return _Run(cfg=cfg, device=device, info=info, module=module, model=module, params=params, opt=opt,
-                sched=build_scheduler(cfg, opt),
-                X=torch.as_tensor(np.ascontiguousarray(X[shard]), dtype=torch.float32, device=device),
+                sched=build_scheduler(cfg, opt), stream=X if streamed else None,
+                X=None if streamed else torch.as_tensor(np.ascontiguousarray(X[shard]), dtype=torch.float32,
+                                                        device=device),
                 X_val=None if X_val is None else torch.as_tensor(_val_draws(X_val), dtype=torch.float32, device=device),
                 batch_size=local_bs, steps_per_epoch=max(1, math.ceil(n_shard / local_bs)),
                 out=Path(run_dir) if run_dir is not None and info.is_main else None,
@@ -267,16 +287,29 @@ def _copy_weights(module: VAEModule) -> dict:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def _epoch_data(run: _Run, epoch: int, X_epoch: Optional[torch.Tensor], reseed: bool):
-    """The epoch's permutation of the shard and its samples, functions of (seed, epoch, rank); with `reseed`
-    the epoch's noise stream starts there too (a resumed mid-epoch run restores its generators instead)."""
+def _epoch_batches(run: _Run, epoch: int, start: int, X_epoch: Optional[torch.Tensor]):
+    """(the epoch's batches from step `start` on, its number of steps, the binarization buffer to reuse).
+
+    The batches follow the epoch's permutation of the shard (in memory) or its block order (streamed), and
+    its samples, functions of (seed, epoch, rank). Starting at step 0 also starts the epoch's noise stream
+    there (a resumed mid-epoch run restores its generators instead).
+    """
     seed = _epoch_seed(run.cfg.train.seed, epoch, run.info.rank)
-    perm = torch.randperm(len(run.X), generator=torch.Generator(device="cpu").manual_seed(seed)).to(run.device)
-    # dynamic binarization: a fresh Bernoulli draw of every pixel each epoch (the standard MNIST protocol)
-    X = binarize_dynamic(run.X, seed + 2, out=X_epoch) if run.cfg.data.binarize == "dynamic" else run.X
-    if reseed:
+    dynamic = run.cfg.data.binarize == "dynamic"
+    if run.stream is not None:
+        info, bs = run.info, run.batch_size
+        n_steps = run.stream.steps(epoch, info.rank, info.world_size, bs)
+        batches = run.stream.batches(epoch, info.rank, info.world_size, bs, start, run.device,
+                                     dyn_seed=seed + 2 if dynamic else None)
+    else:
+        perm = torch.randperm(len(run.X), generator=torch.Generator(device="cpu").manual_seed(seed)).to(run.device)
+        # dynamic binarization: a fresh Bernoulli draw of every pixel each epoch (the standard MNIST protocol)
+        X_epoch = binarize_dynamic(run.X, seed + 2, out=X_epoch) if dynamic else run.X
+        n_steps, bs = run.steps_per_epoch, run.batch_size
+        batches = (X_epoch[perm[step * bs:(step + 1) * bs]] for step in range(start, n_steps))
+    if start == 0:
         torch.manual_seed(seed + 1)
-    return perm, X
+    return batches, n_steps, X_epoch
 
 
 def _epoch_sums(run: _Run, state: TrainState):
@@ -289,9 +322,10 @@ def _epoch_sums(run: _Run, state: TrainState):
     return sums, kl_dim_sum
 
 
-def _train_steps(run: _Run, state: TrainState, X_epoch: torch.Tensor, perm: torch.Tensor, beta: float,
+def _train_steps(run: _Run, state: TrainState, batches, n_steps: int, beta: float,
                  sums: torch.Tensor, kl_dim_sum: torch.Tensor, last):
-    """Epoch `state.epoch`'s optimizer steps from step `state.step`, adding to `sums` and `kl_dim_sum` in place.
+    """Epoch `state.epoch`'s optimizer steps from step `state.step` (`batches`: one per step), adding to `sums`
+    and `kl_dim_sum` in place.
 
     Returns (the signal that stopped the epoch or None, the step to continue from, `last`: (epoch, step,
     terms) of the last completed step). Without clipping the gradient is not checked every step (a norm
@@ -300,9 +334,8 @@ def _train_steps(run: _Run, state: TrainState, X_epoch: torch.Tensor, perm: torc
     step that did it.
     """
     t, model, params, opt, autocast, stopper = run.cfg.train, run.model, run.params, run.opt, run.autocast, run.stopper
-    epoch, bs, n_steps = state.epoch, run.batch_size, run.steps_per_epoch
-    for step in range(state.step, n_steps):
-        xb = X_epoch[perm[step * bs:(step + 1) * bs]]
+    epoch = state.epoch
+    for step, xb in zip(range(state.step, n_steps), batches):
         with autocast:
             loss, terms = model(xb, objective=t.objective, iw_samples=t.iw_samples, beta=beta,
                                 free_bits=t.free_bits, dreg=t.dreg)
@@ -354,10 +387,19 @@ def _end_epoch(run: _Run, state: TrainState, epoch: int, sums: torch.Tensor, kl_
 def _validate(run: _Run) -> dict:
     """Validation loss and terms, with noise seeded apart from the training stream ({} without validation data)."""
     t = run.cfg.train
+    bs = max(t.batch_size, 1024)
+    if run.stream is not None and run.stream.stream_val:  # held-out blocks too large to keep: read again
+        vt = validation_terms_of(run.module, run.stream.val_batches(bs, run.device), run.device,
+                                 seed=t.seed + _VAL_SEED_OFFSET)
+        return dict(val_loss=-vt["elbo"], val_rec=vt["rec"], val_kl=vt["kl"])
     if run.X_val is None:
         return {}
-    vt = validation_terms(run.module, run.X_val, seed=t.seed + _VAL_SEED_OFFSET, batch_size=max(t.batch_size, 1024))
+    vt = validation_terms(run.module, run.X_val, seed=t.seed + _VAL_SEED_OFFSET, batch_size=bs)
     return dict(val_loss=-vt["elbo"], val_rec=vt["rec"], val_kl=vt["kl"])
+
+
+def _has_val(run: _Run) -> bool:
+    return run.X_val is not None or (run.stream is not None and run.stream.stream_val)
 
 
 def _schedule(sched, monitor: float) -> None:
@@ -406,7 +448,7 @@ def _finish(run: _Run, state: TrainState, history: list, stopped_early: bool, in
     summary = {
         "epochs_run": state.epoch,
         "best_epoch": state.best_epoch,
-        "best_val_loss" if run.X_val is not None else "best_train_loss": state.best_val,
+        "best_val_loss" if _has_val(run) else "best_train_loss": state.best_val,
         "final": {k: v for k, v in last.items() if k != "kl_per_dim"},
         "stopped_early": stopped_early,
         "interrupted": interrupted,
