@@ -132,8 +132,7 @@ def fit(cfg: RunConfig, X, X_val: Optional[np.ndarray] = None, *, run_dir: Optio
 
     Parameters
     ----------
-    cfg : RunConfig
-        With model.input_dim set.
+    cfg : RunConfig, with model.input_dim set (`prepare`)
     X : ndarray of shape (n, p), or a `stream.StreamData` (data read in blocks; see `prepare`)
     X_val : ndarray of shape (m, p), optional
         For early stopping and best-checkpoint selection; without it the training loss is used.
@@ -169,10 +168,8 @@ def fit(cfg: RunConfig, X, X_val: Optional[np.ndarray] = None, *, run_dir: Optio
             run.module.train()
             beta = t.beta * min(1.0, (epoch + 1) / t.warmup_epochs) if t.warmup_epochs else t.beta
             sums, kl_dim_sum = _epoch_sums(run, state)
-            try:
+            with contextlib.closing(batches):  # a streamed epoch's reader thread ends here, however the steps end
                 interrupted, step, last = _train_steps(run, state, batches, n_steps, beta, sums, kl_dim_sum, last)
-            finally:
-                batches.close()  # a streamed epoch's reader thread ends here, however the steps ended
             if interrupted:  # a signal mid-epoch
                 _save_mid_epoch(run, state, step, sums, kl_dim_sum, last)
                 break
