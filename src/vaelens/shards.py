@@ -35,13 +35,12 @@ class NpyShard:
     def __init__(self, path: Path):
         self.path = Path(path)
         try:
-            # the mapping is used for its header only (shape, dtype, offset) and dropped untouched
-            m = np.load(self.path, mmap_mode="r", allow_pickle=False)
+            shape, fortran, self.dtype, self.offset = _npy_header(self.path)
         except Exception as e:  # numpy raises ValueError, OSError, EOFError ... for damaged files
             raise DataError(f"{self.path}: {data_mod._load_problem(e, '.npy')}") from None
-        shape, self.dtype, self.offset = tuple(m.shape), m.dtype, int(m.offset)
-        fortran = m.ndim > 1 and m.flags.f_contiguous and not m.flags.c_contiguous
-        del m
+        if self.dtype.hasobject:  # never unpickled: refused as data.load_file refuses it
+            raise DataError(f"{self.path}: {data_mod._load_problem(ValueError('pickle'), '.npy')}")
+        fortran = fortran and len(shape) > 1
         if self.dtype.kind not in "biuf":
             raise DataError(f"{self.path}: expected numbers, got dtype {self.dtype}")
         if fortran:
@@ -134,6 +133,16 @@ class ArrayShard:
 
     def read(self, lo: int, hi: int, out: np.ndarray) -> None:
         out[...] = self.X[lo:hi]
+
+
+def _npy_header(path: Path):
+    """(shape, fortran_order, dtype, data offset) from a .npy header, without reading or mapping the data."""
+    fmt = np.lib.format
+    with open(path, "rb") as f:
+        version = fmt.read_magic(f)
+        read = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(version)
+        shape, fortran, dtype = read(f) if read else fmt._read_array_header(f, version)
+        return tuple(shape), bool(fortran), np.dtype(dtype), f.tell()
 
 
 def _row_shape(shape: tuple, path) -> tuple:
