@@ -26,7 +26,7 @@ from . import data as data_mod
 from .errors import DataError
 
 SUFFIXES = (".npy", ".parquet", ".pq")
-SCAN_BYTES = 32 << 20  # rows read per step of the validation pass (float32 bytes)
+SCAN_BYTES = 16 << 20  # rows read per step of the validation pass (float32 bytes)
 
 
 class NpyShard:

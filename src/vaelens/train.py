@@ -231,12 +231,12 @@ def _set_up(cfg: RunConfig, X, X_val: Optional[np.ndarray], run_dir: Optional[Pa
         raise ConfigError(f"{n_rows} training samples cannot be shared among {info.world_size} processes")
     if streamed:
         X.epoch_windows(0, info.rank, info.world_size)  # enough blocks for every process, or say so now
-    shard = np.arange(info.rank, n_shard * info.world_size, info.world_size)
     local_bs = max(1, t.batch_size // info.world_size)
     return _Run(cfg=cfg, device=device, info=info, module=module, model=module, params=params, opt=opt,
                 sched=build_scheduler(cfg, opt), stream=X if streamed else None,
-                X=None if streamed else torch.as_tensor(np.ascontiguousarray(X[shard]), dtype=torch.float32,
-                                                        device=device),
+                X=None if streamed else torch.as_tensor(np.ascontiguousarray(
+                    X[np.arange(info.rank, n_shard * info.world_size, info.world_size)]), dtype=torch.float32,
+                    device=device),
                 X_val=None if X_val is None else torch.as_tensor(_val_draws(X_val), dtype=torch.float32, device=device),
                 batch_size=local_bs, steps_per_epoch=max(1, math.ceil(n_shard / local_bs)),
                 out=Path(run_dir) if run_dir is not None and info.is_main else None,
