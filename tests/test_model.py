@@ -231,3 +231,46 @@ def test_draw_with_another_posterior_and_float64():
     assert s.terms.elbo.dtype == torch.float64
     assert torch.equal(s.z, qz.mean + eps * 2 * qz.stddev)
     torch.testing.assert_close(s.terms.kl, torch.distributions.kl_divergence(q2, m.prior()))
+
+
+def test_gaussian_mixture_log_prob_is_mixture_same_family():
+    # the one-matmul density of the mog/vamp priors against torch's generic MixtureSameFamily, both in
+    # float64 (so only the expansion's rounding differs: relative 1e-10 is far above it, far below any bug),
+    # and its gradients too
+    from torch.distributions import Categorical, MixtureSameFamily
+    from vaelens.model import GaussianMixture
+    g = torch.Generator().manual_seed(0)
+    K, d = 7, 4
+    loc = torch.randn(K, d, generator=g, dtype=torch.float64).requires_grad_()
+    scale = (torch.rand(K, d, generator=g, dtype=torch.float64) + 0.05).requires_grad_()
+    logits = torch.randn(K, generator=g, dtype=torch.float64).requires_grad_()
+    z = 2 * torch.randn(3, 5, d, generator=g, dtype=torch.float64)
+    fast = GaussianMixture(logits, loc, scale).log_prob(z)
+    ref = MixtureSameFamily(Categorical(logits=logits), diagonal_normal(loc, scale)).log_prob(z)
+    assert fast.shape == ref.shape == (3, 5)
+    torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-10)
+    grads = [torch.autograd.grad(v.sum(), (loc, scale, logits)) for v in (fast, ref)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("posterior", ["diagonal", "full"])
+@pytest.mark.parametrize("prior", ["normal", "mog", "vamp"])
+def test_each_family_and_prior_gives_per_sample_terms_and_weights(posterior, prior):
+    m = make(posterior=posterior, prior=prior, prior_components=3 if prior != "normal" else None)
+    x = torch.rand(6, 64)
+    m.init_prior(x, seed=0)
+    qz, pz = m.inference(x), m.prior()
+    assert qz.batch_shape == (6,) and qz.event_shape == (3,) and pz.event_shape == (3,)
+    s = m.draw(x, n_samples=4, weights=True)
+    assert s.z.shape == (4, 6, 3) and s.log_w.shape == (4, 6)
+    for t in (s.terms.rec, s.terms.kl, s.terms.elbo):
+        assert t.shape == (6,) and torch.isfinite(t).all()
+    assert s.terms.kl_dim.shape == (6, 3)
+    # the weights are log p(x|z) + log p(z) - log q(z|x) for the chosen prior and family
+    torch.testing.assert_close(s.log_w, s.log_px + pz.log_prob(s.z) - qz.log_prob(s.z))
+    loss, _ = m(x, objective="iwae", iw_samples=3, dreg=True)
+    loss.backward()
+    assert all(p.grad is not None for n, p in m.named_parameters() if n.startswith("encoder.mu_head"))
+    if prior == "vamp":  # the pseudo-inputs are learned
+        assert m.pseudo_inputs.grad is not None and m.pseudo_inputs.grad.abs().sum() > 0

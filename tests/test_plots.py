@@ -156,3 +156,97 @@ def test_mixture_density_is_the_normal_mixture():
     np.testing.assert_allclose(plots.mixture_density(t, np.zeros(1), np.ones(1)), stats.norm.pdf(t))
     both = plots.mixture_density(t, np.array([-1.0, 2.0]), np.array([0.5, 1.5]))
     np.testing.assert_allclose(both, 0.5 * (stats.norm.pdf(t, -1, 0.5) + stats.norm.pdf(t, 2, 1.5)))
+
+
+def _spd(rng, n, d):
+    """n random covariance matrices (n, d, d) with strong correlations."""
+    A = rng.normal(size=(n, d, d))
+    return A @ np.swapaxes(A, 1, 2) + 0.1 * np.eye(d)
+
+
+def _mahalanobis_on_boundary(patch, centre, cov2):
+    """(z - m)^T C^-1 (z - m) at points on an ellipse patch's drawn outline, in data coordinates."""
+    t = np.linspace(0, 2 * np.pi, 24, endpoint=False)
+    # the patch transform maps the unit circle onto the drawn ellipse
+    pts = patch.get_patch_transform().transform(np.stack([np.cos(t), np.sin(t)], 1))  # (24, 2), data units
+    diff = pts - np.asarray(centre)
+    return np.einsum("vi,ij,vj->v", diff, np.linalg.inv(cov2), diff)
+
+
+def test_ellipses_are_the_eigen_decomposition_of_the_covariance_block():
+    """A full run's ellipses: the axes and angle of each 2x2 block, from the closed-form eigenvalues
+    of a symmetric 2x2 matrix (not numpy's eigh), and every outline point at Mahalanobis distance m."""
+    rng = np.random.default_rng(4)
+    mu, cov = rng.normal(size=(6, 3)), _spd(rng, 6, 3)
+    sigma = np.sqrt(np.einsum("nii->ni", cov))
+    dims = (2, 0)
+    fig = plots.latent_map_figure(mu, sigma, dims, None, np.arange(6), cov=cov)
+    ax = fig.axes[0]
+    assert len(ax.patches) == 6 * 2 + 2 and "full covariance" in ax.get_title()
+    for k in range(6):
+        a, b, c = cov[k, 2, 2], cov[k, 2, 0], cov[k, 0, 0]                       # var z2, cov, var z0
+        half = np.sqrt(((a - c) / 2) ** 2 + b ** 2)
+        major, minor = np.sqrt((a + c) / 2 + half), np.sqrt((a + c) / 2 - half)
+        theta = np.degrees(0.5 * np.arctan2(2 * b, a - c))
+        for m, patch in zip((1, 2), ax.patches[2 * k:2 * k + 2]):
+            assert patch.width == pytest.approx(2 * m * major) and patch.height == pytest.approx(2 * m * minor)
+            assert (patch.angle - theta) % 180 == pytest.approx(0, abs=1e-6) or \
+                (patch.angle - theta) % 180 == pytest.approx(180, abs=1e-6)
+            block = np.array([[a, b], [b, c]])
+            np.testing.assert_allclose(_mahalanobis_on_boundary(patch, mu[k, [2, 0]], block), m ** 2, rtol=1e-6)
+    plots.figure_png(fig)
+
+
+def test_diagonal_ellipses_stay_axis_aligned(posterior):
+    mu, sigma, labels = posterior
+    fig = plots.latent_map_figure(mu, sigma, (0, 1), labels, np.arange(3))
+    assert all(p.angle == 0 for p in fig.axes[0].patches)
+    assert "N(0, I)" in fig.axes[0].get_title()
+
+
+def test_point_cloud_and_true_posterior_rotate_with_the_covariance():
+    rng = np.random.default_rng(5)
+    mu, cov = rng.normal(size=(2, 3)), _spd(rng, 2, 3)
+    sigma = np.sqrt(np.einsum("nii->ni", cov))
+    L = np.linalg.cholesky(cov)
+    z = mu + np.einsum("nij,snj->sni", L, rng.normal(size=(4000, 2, 3)))     # (S, k, d) draws of N(mu, cov)
+    fig = plots.point_cloud_figure(z, mu, sigma, z.mean(0), z.std(0), (0, 1), cov=cov)
+    for s, ax in enumerate(a for a in fig.axes if a.axison):
+        enc1, enc2, emp = ax.patches
+        np.testing.assert_allclose(_mahalanobis_on_boundary(enc2, mu[s, :2], cov[s, :2, :2]), 4, rtol=1e-6)
+        # the draws' own covariance: 4000 draws put its 1-sigma outline within a few % of the encoder's
+        np.testing.assert_allclose(_mahalanobis_on_boundary(emp, z.mean(0)[s, :2], cov[s, :2, :2]), 1, rtol=0.1)
+    fig2 = plots.true_posterior_figure(z.transpose(1, 0, 2), np.full((2, 4000), 1 / 4000), mu, sigma, mu, sigma,
+                                       mu, (1, 2), cov=cov)
+    for s, ax in enumerate(a for a in fig2.axes if a.axison):
+        red = [p for p in ax.patches if p.get_edgecolor()[:3] == pytest.approx((0.839, 0.153, 0.157), abs=1e-2)]
+        assert len(red) == 2 and all(p.angle != 0 for p in red)
+        np.testing.assert_allclose(_mahalanobis_on_boundary(red[0], mu[s, 1:], cov[s, 1:, 1:]), 1, rtol=1e-6)
+    plots.figure_png(fig)
+    plots.figure_png(fig2)
+
+
+def test_mixture_prior_overlay_and_marginals():
+    u = v = np.linspace(-4, 4, 81)
+    U, V = np.meshgrid(u, v)
+    dens = np.exp(-0.5 * ((U - 1) ** 2 + V ** 2)) / (2 * np.pi)
+    prior = {"u": u, "v": v, "density": dens, "levels": [0.06, 0.02], "name": "MoG, K=2"}
+    mu, sigma = np.zeros((5, 2)), np.full((5, 2), 0.5)
+    fig = plots.latent_map_figure(mu, sigma, (0, 1), None, np.arange(2), prior=prior)
+    ax = fig.axes[0]
+    assert "MoG, K=2" in ax.get_title()
+    assert len(ax.patches) == 4                           # the samples' ellipses; no N(0, I) circles
+    assert len(ax.collections) >= 3                       # points, shading, contours
+    # the view holds the prior's 86% region (about x in [-1, 3]), not the whole grid
+    lo, hi = ax.get_xlim()
+    assert lo <= -0.8 and hi >= 2.8 and (lo > -4 or hi < 4)
+    plots.figure_png(fig)
+    w, m, s = np.array([0.25, 0.75]), np.array([[-2.0, 0.0], [1.0, 0.5]]), np.array([[0.5, 1.0], [1.0, 2.0]])
+    fig = plots.aggregate_posterior_figure(mu, sigma, prior=(w, m, s), prior_name="MoG, K=2")
+    for j, ax in enumerate(fig.axes[:2]):
+        t, p = ax.lines[1].get_xdata(), ax.lines[1].get_ydata()
+        want = sum(w[k] * np.exp(-0.5 * ((t - m[k, j]) / s[k, j]) ** 2) / (s[k, j] * np.sqrt(2 * np.pi)) for k in range(2))
+        np.testing.assert_allclose(p, want, rtol=1e-12)
+        assert ax.lines[1].get_label() == "prior MoG, K=2"
+    fig = plots.variance_split_figure(np.array([0.5, 0.1]), np.array([0.2, 0.1]), prior_var=np.array([2.0, 3.0]))
+    assert fig.axes[0].get_ylim()[1] >= 3.0

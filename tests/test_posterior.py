@@ -55,7 +55,7 @@ def test_check_rejects_a_perturbed_encoder(digits_vae):
     with torch.no_grad():
         wrong.encoder.sigma_head.bias += 0.3
         q = wrong.encoder(Xt[:4])
-    c = point_cloud_check(vae.module_, Xt, range(4), n_samples=500, sigma=q.scale.numpy())
+    c = point_cloud_check(vae.module_, Xt, range(4), n_samples=500, sigma=q.stddev.numpy())
     assert not c.passed
 
 

@@ -151,7 +151,7 @@ def test_digits_report(digits_copy, digits_run, tmp_path):
     def post(run):
         with torch.no_grad():
             q = VAE.load(run).module_.eval().encoder(torch.as_tensor(Xs))
-        return q.loc.double().numpy(), q.scale.double().numpy()
+        return q.mean.double().numpy(), q.stddev.double().numpy()
 
     mu, sigma = post(digits_copy)
     agg = rep.numbers["aggregate"]
@@ -339,3 +339,75 @@ def test_unwritable_figure_folder_fails_before_any_work(table_run, table_data, t
     with pytest.raises(OutputError, match="r_figures"):
         build_report(table_run, table_data, out_path=out, evaluate=False)
     assert not out.exists()
+
+
+def _gauss2(pts, m, C):
+    """N(pts; m, C) for 2-d points (..., 2), written out: exp(-q/2) / (2 pi sqrt(det C))."""
+    diff = pts - m
+    q = np.einsum("...i,ij,...j->...", diff, np.linalg.inv(C), diff)
+    return np.exp(-0.5 * q) / (2 * np.pi * np.sqrt(np.linalg.det(C)))
+
+
+def _prior_components_by_hand(vae):
+    """The prior's weights (K,), means (K, d), covariances (K, d, d), read from the module's parameters."""
+    import torch
+
+    mod, cfg = vae.module_.eval(), vae.config_.model
+    with torch.no_grad():
+        if cfg.prior == "mog":
+            s = torch.nn.functional.softplus(mod.prior_raw_scales) + cfg.sigma_floor
+            return (torch.softmax(mod.prior_logits, 0).double().numpy(), mod.prior_means.double().numpy(),
+                    np.einsum("ki,ij->kij", (s ** 2).double().numpy(), np.eye(cfg.latent_dim)))
+        q = mod.encoder(mod.pseudo_inputs)                                   # the VampPrior: q(z|u_k), equal weights
+        L = q.scale_tril.double().numpy()
+        return np.full(len(L), 1 / len(L)), q.mean.double().numpy(), L @ np.swapaxes(L, 1, 2)
+
+
+@pytest.mark.parametrize("posterior, prior, k, name", [("full", "vamp", 8, "VampPrior, K=8"),
+                                                      ("diagonal", "mog", None, "MoG, K=10")])
+def test_report_for_posterior_families_and_priors(posterior, prior, k, name, tmp_path, monkeypatch):
+    """Every section of the report for a full-covariance + VampPrior run and a diagonal + MoG run; the
+    page names the family and prior; the latent map gets the encoder's full covariance and the prior's
+    2-d marginal density, the latter equal to the mixture of the components' 2-d Gaussians written out."""
+    from vaelens import report as report_mod
+    from vaelens.data import load_digits
+
+    ds = load_digits().subset(np.arange(300))
+    vae = VAE(latent_dim=3, hidden=(32,), posterior=posterior, prior=prior, prior_components=k,
+              batch_size=100).fit(ds.X, epochs=15, seed=0)
+    run = tmp_path / "run"
+    vae.save(run)
+    seen = {}
+    real = report_mod.latent_map_figure
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(report_mod, "latent_map_figure", spy)
+    rep = build_report(run, ds, evaluate=False, vae=vae, cloud_samples=200)
+    page, text = _parse(rep.path), rep.path.read_text()
+    assert page.sections == IMAGE_SECTIONS
+    assert all(rep.sections[s] is None for s in IMAGE_SECTIONS[:-1]), rep.sections
+    _check_self_contained(page, text)
+    _check_images(page, rep)
+    assert name in text and ("full-covariance" in text) == (posterior == "full")
+    assert (rep.numbers["posterior"], rep.numbers["prior"], rep.numbers["prior_name"]) == (posterior, prior, name)
+    assert "prior_var" in rep.numbers["aggregate"] and "KL moment-matched" not in text  # N(0, I)'s figures do not apply
+    from vaelens.commands.report import ReportResult
+
+    lines = "\n".join(ReportResult(rep, run).lines())  # what `vaelens report` prints
+    assert f"{posterior} q(z|x), prior {name}" in lines and "prior_var" not in lines
+    post = vae.encode(ds.X)
+    if posterior == "full":
+        np.testing.assert_allclose(seen["cov"], post.scale_tril @ np.swapaxes(post.scale_tril, 1, 2), rtol=1e-5, atol=1e-7)
+    else:
+        assert seen["cov"] is None
+    i, j = rep.numbers["latent_map_dims"]
+    o = seen["prior"]
+    assert o["name"] == name
+    w, m, C = _prior_components_by_hand(vae)
+    U, V = np.meshgrid(o["u"][::8], o["v"][::8])
+    pts = np.stack([U, V], -1)                                              # (Gv, Gu, 2)
+    want = sum(w[c] * _gauss2(pts, m[c, [i, j]], C[c][np.ix_([i, j], [i, j])]) for c in range(len(w)))
+    np.testing.assert_allclose(o["density"][::8, ::8], want, rtol=1e-5, atol=1e-10)

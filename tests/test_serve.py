@@ -226,6 +226,10 @@ BAD = [
     ("post", "/api/decode", {"z": [0.0, 1e300, 0.0]}, 422, "within"),
     ("post", "/api/decode", {"z": [0.0, 0.0, 0.0], "index": 3}, 422, "index: unknown field"),
     ("post", "/api/decode", {}, 422, "z: Field required"),
+    ("get", "/api/prior?x=1&y=1", None, 422, "two different latent dimensions"),
+    ("get", "/api/map_cov?x=0&y=7", None, 422, "y must be a latent dimension in 0..2"),
+    ("get", "/api/prior?x=a&y=1", None, 422, "x:"),
+    ("get", "/api/map_cov?x=0", None, 422, "y: Field required"),
     ("get", "/static/serve.py", None, 404, "no such file"),
     ("get", "/static/..%2F..%2Fpyproject.toml", None, 404, ""),
     ("get", "/api/nothing", None, 404, ""),
@@ -317,3 +321,111 @@ def test_serve_command_refuses_a_busy_port(run_dir):
     assert r.returncode == 2
     assert f"cannot listen on 127.0.0.1:{port}" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+# --- posterior families and priors (issue 19) ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def full_vamp(digits):
+    return VAE(latent_dim=D, hidden=(32,), posterior="full", prior="vamp", prior_components=8).fit(
+        digits.X, epochs=10, seed=0)
+
+
+@pytest.fixture(scope="module")
+def diag_mog(digits):
+    return VAE(latent_dim=D, hidden=(32,), prior="mog", prior_components=5).fit(digits.X, epochs=5, seed=0)
+
+
+def _components(vae):
+    """The prior's weights (K,), means (K, d) and covariances (K, d, d) read from the module by hand."""
+    import torch
+
+    mod, cfg = vae.module_.eval(), vae.config_.model
+    with torch.no_grad():
+        if cfg.prior == "mog":
+            s = torch.nn.functional.softplus(mod.prior_raw_scales) + cfg.sigma_floor
+            return (torch.softmax(mod.prior_logits, 0).double().numpy(), mod.prior_means.double().numpy(),
+                    np.einsum("ki,ij->kij", (s ** 2).double().numpy(), np.eye(D)))
+        q = mod.encoder(mod.pseudo_inputs)
+        L = q.scale_tril.double().numpy()
+        return np.full(len(L), 1 / len(L)), q.mean.double().numpy(), L @ np.swapaxes(L, 1, 2)
+
+
+def _marginal_1d(vae, grid):
+    """p(z_j) on grid (d, G): sum_k w_k N(z_j; m_kj, C_kjj), written out."""
+    w, m, C = _components(vae)
+    sd = np.sqrt(np.einsum("kjj->kj", C))
+    return np.stack([sum(w[k] * np.exp(-0.5 * ((grid[j] - m[k, j]) / sd[k, j]) ** 2) / (sd[k, j] * np.sqrt(2 * np.pi))
+                         for k in range(len(w))) for j in range(D)])
+
+
+def _marginal_2d(vae, dims, u, v):
+    """p(z_i, z_j) on the grid u x v, (Gv, Gu): the mixture of the components' 2-d Gaussians, written out."""
+    w, m, C = _components(vae)
+    i, j = dims
+    U, V = np.meshgrid(u, v)
+    out = np.zeros_like(U)
+    for k in range(len(w)):
+        B = C[k][np.ix_([i, j], [i, j])]
+        du, dv = U - m[k, i], V - m[k, j]
+        P = np.linalg.inv(B)
+        q = P[0, 0] * du ** 2 + 2 * P[0, 1] * du * dv + P[1, 1] * dv ** 2
+        out += w[k] * np.exp(-0.5 * q) / (2 * np.pi * np.sqrt(np.linalg.det(B)))
+    return out
+
+
+def test_full_covariance_vamp_run(full_vamp, digits):
+    """A full-covariance + VampPrior run over HTTP: the covariance of every answer that carries sigma,
+    the VampPrior's 2-d and 1-d marginal densities, and the page."""
+    with serving(create_app(full_vamp, digits)) as url, httpx.Client(base_url=url, timeout=30) as c:
+        info = c.get("/api/info").json()
+        assert (info["posterior"], info["prior"], info["prior_components"], info["prior_name"]) == \
+            ("full", "vamp", 8, "VampPrior, K=8")
+        post = full_vamp.encode(digits.X)
+        cov = post.scale_tril.astype(np.float64) @ np.swapaxes(post.scale_tril, 1, 2)     # (n, d, d)
+        mc = np.asarray(c.get("/api/map_cov", params={"x": 2, "y": 0}).json()["cov"])        # (n, 3)
+        np.testing.assert_allclose(mc, np.stack([cov[:, 2, 2], cov[:, 2, 0], cov[:, 0, 0]], 1), atol=2e-5)
+        assert np.abs(mc[:, 1]).max() > 1e-3  # the encoder's posteriors are correlated: the test sees rotation
+        s = c.get("/api/sample/9").json()
+        np.testing.assert_allclose(s["cov"], cov[9], atol=2e-5)
+        r = c.post("/api/draw", json={"index": 9, "n": MAX_BATCH}).json()
+        # The running covariance of 1000 draws: each entry's standard error is
+        # sqrt((C_ii C_jj + C_ij^2) / n); 5 of them bound it (a false failure of 9 entries < 1e-5).
+        C = cov[9]
+        se = np.sqrt((np.outer(np.diag(C), np.diag(C)) + C ** 2) / MAX_BATCH)
+        assert (np.abs(np.asarray(r["cov"]) - C) < 5 * se).all()
+        tp = c.post("/api/true_posterior", json={"index": 7, "k": 200, "seed": 0}).json()
+        np.testing.assert_allclose(tp["cov"], cov[7], atol=2e-5)
+        p = c.get("/api/prior", params={"x": 0, "y": 1}).json()
+        u, v, dens = np.asarray(p["u"]), np.asarray(p["v"]), np.asarray(p["density"])
+        assert p["name"] == "VampPrior, K=8" and dens.shape == (len(v), len(u))
+        np.testing.assert_allclose(dens, _marginal_2d(full_vamp, (0, 1), u, v), rtol=1e-4, atol=1e-8)
+        cell = (u[1] - u[0]) * (v[1] - v[0])
+        for level, mass in zip(p["levels"], p["masses"]):
+            # a Riemann sum on the 101 x 101 grid: the enclosed mass within 1.5% of the target
+            assert dens[dens >= level].sum() * cell == pytest.approx(mass, abs=0.015)
+        a = c.get("/api/aggregate").json()
+        grid, prior = np.asarray(a["grid"]), np.asarray(a["prior"])
+        np.testing.assert_allclose(prior, _marginal_1d(full_vamp, grid), atol=6e-6)  # JSON's 5 decimals
+        assert a["prior_name"] == "VampPrior, K=8" and np.isfinite(a["kl"]).all()
+        assert c.get("/").status_code == 200
+
+
+def test_diagonal_mog_run(diag_mog, digits):
+    """A diagonal + MoG run: no covariance where sigma says it all, the map's blocks diagonal, and the
+    MoG's marginal densities."""
+    ex = Explorer(diag_mog, digits)
+    assert ex.info()["prior_name"] == "MoG, K=5" and ex.info()["posterior"] == "diagonal"
+    assert ex.sample(3)["cov"] is None and ex.draw(3, 10)["cov"] is None
+    assert ex.true_posterior(3, k=50)["cov"] is None
+    mc = np.asarray(ex.map_cov(1, 2)["cov"])
+    np.testing.assert_allclose(mc, np.stack([ex.sigma[:, 1] ** 2, 0 * ex.sigma[:, 1], ex.sigma[:, 2] ** 2], 1),
+                               atol=2e-5)
+    p = ex.prior(2, 1)
+    np.testing.assert_allclose(p["density"], _marginal_2d(diag_mog, (2, 1), np.asarray(p["u"]), np.asarray(p["v"])),
+                               rtol=1e-4, atol=1e-8)
+    a = ex.aggregate()
+    grid, prior = np.asarray(a["grid"]), np.asarray(a["prior"])
+    np.testing.assert_allclose(prior, _marginal_1d(diag_mog, grid), atol=6e-6)  # JSON's 5 decimals
+    for j in range(D):  # the grid covers the prior's mean ± 4 marginal sds: all but a trace of its mass
+        assert np.trapezoid(prior[j], grid[j]) == pytest.approx(1, abs=0.01)

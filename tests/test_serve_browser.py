@@ -204,3 +204,54 @@ def test_tables_show_decoded_feature_values(browser):
         finally:
             page.close()
     assert errors == []
+
+
+def test_full_covariance_vamp_page(browser, tmp_path):
+    """A full-covariance + VampPrior run: the page names both, fetches the shown pair's covariance
+    blocks and the prior's density, and draws each ellipse so that its outline lies at Mahalanobis
+    distance k from mu under the 2x2 block (checked here in numpy from the page's own view)."""
+    ds = load_digits()
+    ds = ds.subset(np.arange(600))
+    vae = VAE(latent_dim=3, hidden=(32,), posterior="full", prior="vamp", prior_components=8).fit(
+        ds.X, epochs=10, seed=0)
+    errors = []
+    with serving(create_app(vae, ds)) as u:
+        page = _open(browser, u + "/", errors)
+        try:
+            page.wait_for_function("() => document.body.dataset.pair", timeout=15000)
+            S = "window.vaelens.state"
+            x, y = page.evaluate(f"[{S}.dimX, {S}.dimY]")
+            assert page.evaluate(f"{S}.prior.name") == "VampPrior, K=8"
+            assert page.evaluate(f"[{S}.prior.x, {S}.prior.y, {S}.cov2.x, {S}.cov2.y]") == [x, y, x, y]
+            assert "VampPrior, K=8" in page.locator("#prior-note").inner_text()
+            assert "full q(z|x)" in page.locator("#model-info").inner_text()
+            assert "full covariance" in page.locator("#ellipse-note").inner_text()
+            # the selected sample carries its covariance; its ellipses come from the 2x2 block
+            C = np.asarray(page.evaluate(f"{S}.sel.cov"))
+            mu = np.asarray(page.evaluate(f"{S}.sel.mu"))
+            c = [float(C[x, x]), float(C[x, y]), float(C[y, y])]
+            view = page.evaluate(f"{S}.view")
+            B = np.array([[c[0], c[1]], [c[1], c[2]]])
+            for k in (1, 2):
+                e = page.evaluate(f"window.vaelens.ellipseOnCanvas({float(mu[x])}, {float(mu[y])}, {c}, {k})")
+                t = np.linspace(0, 2 * np.pi, 16, endpoint=False)
+                # canvas ellipse: rotation `angle` clockwise on screen (y down)
+                px = e["x"] + e["rx"] * np.cos(t) * np.cos(e["angle"]) - e["ry"] * np.sin(t) * np.sin(e["angle"])
+                py = e["y"] + e["rx"] * np.cos(t) * np.sin(e["angle"]) + e["ry"] * np.sin(t) * np.cos(e["angle"])
+                zu = view["x"][0] + px / view["w"] * (view["x"][1] - view["x"][0])
+                zv = view["y"][0] + (1 - py / view["h"]) * (view["y"][1] - view["y"][0])
+                diff = np.stack([zu - mu[x], zv - mu[y]], 1)
+                np.testing.assert_allclose(np.einsum("ni,ij,nj->n", diff, np.linalg.inv(B), diff), k ** 2, rtol=1e-6)
+            # draws: the running covariance arrives with the statistics
+            page.click("#draw")
+            page.wait_for_function("() => document.getElementById('draw-count').textContent === '10 draws'")
+            assert np.shape(page.evaluate(f"{S}.drawStats.cov")) == (3, 3)
+            # another pair of dimensions: fetched again
+            page.select_option("#dim-x", "2")
+            page.wait_for_function(f"() => document.body.dataset.pair === '2,{y}'", timeout=15000)
+            page.click("#tp-run")
+            page.wait_for_function("() => document.body.dataset.tp", timeout=30000)
+            page.screenshot(path=str(tmp_path / "full_vamp.png"))
+        finally:
+            page.close()
+    assert errors == []

@@ -44,8 +44,8 @@ def test_signed_permutation_moves_mu_but_not_the_elbo(digits_vae):
     pm = signed_permutation(vae.module_, perm, signs)
     with torch.inference_mode():
         q0, q1 = vae.module_.encoder(Xt), pm.encoder(Xt)
-    np.testing.assert_allclose(q1.loc.numpy(), (np.array(signs) * q0.loc.numpy()[:, perm]), atol=1e-5)
-    np.testing.assert_allclose(q1.scale.numpy(), q0.scale.numpy()[:, perm], atol=1e-6)
+    np.testing.assert_allclose(q1.mean.numpy(), (np.array(signs) * q0.mean.numpy()[:, perm]), atol=1e-5)
+    np.testing.assert_allclose(q1.stddev.numpy(), q0.stddev.numpy()[:, perm], atol=1e-6)
     r = symmetry_report(vae.module_, Xt, seed=0)
     assert r.perm_invariant and r.perm_max_rel_diff <= PERMUTATION_RTOL
     assert r.mu_max_change > 0.01 and r.mu_map_error < 1e-10
@@ -60,9 +60,9 @@ def test_rotation_keeps_the_mean_path_and_prior(digits_vae):
     rm = rotate(vae.module_, R)
     with torch.inference_mode():
         q0, q1 = vae.module_.encoder(Xt), rm.encoder(Xt)
-        np.testing.assert_allclose(q1.loc.numpy(), q0.loc.numpy() @ R.T.astype(np.float32), atol=1e-5)
+        np.testing.assert_allclose(q1.mean.numpy(), q0.mean.numpy() @ R.T.astype(np.float32), atol=1e-5)
         # the decoder reads R^T z, so the posterior means decode to the same output
-        np.testing.assert_allclose(rm.decoder(q1.loc).mean.numpy(), vae.module_.decoder(q0.loc).mean.numpy(),
+        np.testing.assert_allclose(rm.decoder(q1.mean).mean.numpy(), vae.module_.decoder(q0.mean).mean.numpy(),
                                    atol=1e-5)
     with pytest.raises(ConfigError):
         rotate(vae.module_, np.ones((3, 3)))
@@ -183,7 +183,7 @@ def test_equal_norms_are_unique_only_up_to_rotation(equal):
     rm = rotate(vae.module_, plane_rotation(2, 0, 1))
     with torch.inference_mode():
         q = rm.encoder(vae._tensor(gt.X))
-    c = compare(post.mu, q.loc.numpy(), post.sigma, q.scale.numpy())
+    c = compare(post.mu, q.mean.numpy(), post.sigma, q.stddev.numpy())
     assert c.mcc_pearson < 0.8 and min(c.r2_ab, c.r2_ba) > 0.999
 
 

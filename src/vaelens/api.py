@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Tuple, Union
 
@@ -31,45 +30,14 @@ from .evaluate import elbo_terms as _elbo_terms
 from .evaluate import encode_all as _encode_all
 from .evaluate import evaluate as _evaluate
 from .evaluate import iwae_log_likelihood as _iwae_log_likelihood
+from .evaluate import prior_of
 from .model import VAEModule, moments, seeded
-from .posterior import aggregate_posterior, point_cloud_check
+from .posterior import Posterior, aggregate_posterior, point_cloud_check
 from .train import fit as _fit
 from .train import prepare as _prepare
 from .uniqueness import symmetry_report
 
 ArrayLike = Union[np.ndarray, torch.Tensor, Sequence]
-
-
-@dataclass(frozen=True)
-class Posterior:
-    """q(z|x) = N(mu, Sigma) for each of n samples: Sigma = diag(sigma^2), or L L^T for the full family.
-
-    Attributes
-    ----------
-    mu : ndarray of shape (n, d)
-    sigma : ndarray of shape (n, d), all > 0: the marginal standard deviations, sqrt(diag Sigma)
-    scale_tril : ndarray of shape (n, d, d), or None
-        The Cholesky factor L of Sigma for a full-covariance run (lower triangular, positive
-        diagonal); None for the diagonal family.
-    """
-
-    mu: np.ndarray
-    sigma: np.ndarray
-    scale_tril: Optional[np.ndarray] = None
-
-    @property
-    def var(self) -> np.ndarray:
-        return self.sigma ** 2
-
-    @property
-    def cov(self) -> np.ndarray:
-        """The covariance matrices Sigma, shape (n, d, d), for either family."""
-        if self.scale_tril is None:
-            return np.einsum("ij,jk->ijk", self.var, np.eye(self.mu.shape[1], dtype=self.var.dtype))
-        return self.scale_tril @ np.swapaxes(self.scale_tril, -1, -2)
-
-    def __len__(self) -> int:
-        return len(self.mu)
 
 
 # --- the estimator's parameters --------------------------------------------------------------
@@ -103,7 +71,8 @@ def _plain(v):
 
 
 class VAE(TransformerMixin, BaseEstimator):
-    """A variational autoencoder with a diagonal-Gaussian encoder and a N(0, I) prior.
+    """A variational autoencoder: a Gaussian encoder (diagonal or full covariance) and a prior p(z)
+    (N(0, I), a mixture of Gaussians, or the VampPrior); docs/families.md.
 
     A scikit-learn estimator: the constructor only stores its keyword parameters, `fit` validates
     and returns self, learned state ends in ``_``; `get_params`, `set_params`, `clone`, Pipelines
@@ -117,6 +86,8 @@ class VAE(TransformerMixin, BaseEstimator):
     hidden : tuple of int
         Hidden layer sizes of the encoder trunk (the decoder mirrors them); () for linear.
     likelihood : {"bernoulli", "cbernoulli", "gaussian"}
+    posterior : {"diagonal", "full"}
+        The family of q(z|x); prior : {"normal", "mog", "vamp"}; prior_components : int or None.
     activation, arch, gaussian_scale, fixed_scale, sigma_floor, conv_channels
         The rest of `ModelConfig`.
     epochs, batch_size, lr, optimizer, weight_decay, schedule, lr_gamma, grad_clip, objective,
@@ -281,19 +252,24 @@ class VAE(TransformerMixin, BaseEstimator):
 
     # --- inference -------------------------------------------------------------------------
     def encode(self, X: ArrayLike, batch_size: int = 4096, seed: Optional[int] = 0, refine: int = 0) -> Posterior:
-        """Per-sample posterior q(z|x): mu and sigma of shape (n, d), float32.
+        """Per-sample posterior q(z|x): mu and sigma (marginal std) of shape (n, d), float32, and for a
+        full-covariance run its Cholesky factor ``scale_tril`` (n, d, d).
 
         `seed` binarizes X for a binarized run (see `model_input`); plain encoding draws nothing.
         With ``refine=N`` > 0 the semi-amortized posterior: each sample's Gaussian is started at the
         encoder's mu, sigma and improved by N Adam steps on its own seeded Monte Carlo ELBO for the
-        fixed decoder (`vaelens.gap.refine`; `seed` also seeds those draws), towards q*(z|x).
+        fixed decoder (`vaelens.gap.refine`; `seed` also seeds those draws), towards q*(z|x), a
+        Gaussian of the run's family (full covariance for a full run).
         """
         if refine < 0:
             raise ConfigError(f"refine must be >= 0 (Adam steps), got {refine}")
         Xt = self._tensor(X, seed)
         if refine:
             loc, scale = _gap.refine(self.module_, Xt, refine, seed=0 if seed is None else seed)
-            return Posterior(mu=loc.cpu().numpy().astype(np.float32), sigma=scale.cpu().numpy().astype(np.float32))
+            f32 = lambda t: t.cpu().numpy().astype(np.float32)  # noqa: E731
+            if scale.ndim == 3:  # a full-covariance run's q* is full too: scale is its Cholesky factor
+                return Posterior(mu=f32(loc), sigma=f32(_gap.gaussian(loc, scale).stddev), scale_tril=f32(scale))
+            return Posterior(mu=f32(loc), sigma=f32(scale))
         if self.config_.model.posterior == "full":
             mu, sigma, L = _encode_all(self.module_, Xt, batch_size=batch_size, tril=True)
             return Posterior(mu=mu.astype(np.float32), sigma=sigma.astype(np.float32), scale_tril=L.astype(np.float32))
@@ -377,7 +353,8 @@ class VAE(TransformerMixin, BaseEstimator):
     def elbo_terms(self, X: ArrayLike, n_samples: int = 1, seed: Optional[int] = 0,
                    batch_size: int = 4096) -> dict:
         """Per-sample ELBO terms in nats: ``elbo``, ``rec`` (E_q[log p(x|z)], `n_samples` seeded draws) and
-        ``kl`` (KL(q(z|x) || p(z)), analytic), each of shape (n,)."""
+        ``kl`` (KL(q(z|x) || p(z)), analytic; Monte Carlo on the same draws for a mixture prior), each of
+        shape (n,)."""
         Xt = self._tensor(X, seed)
         return _elbo_terms(self.module_, Xt, n_samples=n_samples, batch_size=batch_size, seed=seed)
 
@@ -435,8 +412,8 @@ class VAE(TransformerMixin, BaseEstimator):
     # --- what mu(x) and sigma(x) are ------------------------------------------------------
     def check(self, X: ArrayLike, indices: Optional[Sequence[int]] = None, n: int = 10, n_samples: int = 2000,
               level: float = 0.01, seed: int = 0, mu: Optional[np.ndarray] = None,
-              sigma: Optional[np.ndarray] = None):
-        """Point-cloud check: do S reparameterized draws for each chosen x follow N(mu(x), sigma(x)^2)?
+              sigma: Optional[np.ndarray] = None, scale_tril: Optional[np.ndarray] = None):
+        """Point-cloud check: do S reparameterized draws for each chosen x follow N(mu(x), Sigma(x))?
 
         Parameters
         ----------
@@ -448,6 +425,8 @@ class VAE(TransformerMixin, BaseEstimator):
             binarized run, the binarization).
         mu, sigma : ndarray of shape (k, d), optional
             A claimed posterior to test instead of the encoder's (a wrong claim fails).
+        scale_tril : ndarray of shape (k, d, d), optional
+            A claimed Cholesky factor: the claim N(mu, L L^T) (a full-covariance run's is tested by default).
 
         Returns
         -------
@@ -459,7 +438,7 @@ class VAE(TransformerMixin, BaseEstimator):
                 raise ConfigError(f"n must be >= 1, got {n}")
             indices = np.sort(np.random.default_rng(seed).choice(len(Xt), size=min(n, len(Xt)), replace=False))
         return point_cloud_check(self.module_, Xt, indices, n_samples=n_samples, seed=seed, level=level,
-                                 mu=mu, sigma=sigma)
+                                 mu=mu, sigma=sigma, scale_tril=scale_tril)
 
     def true_posterior(self, X: ArrayLike, k: int = _gap.DEFAULT_K, seed: int = 0,
                        refine: int = 0) -> "_gap.TruePosterior":
@@ -499,8 +478,8 @@ class VAE(TransformerMixin, BaseEstimator):
 
     def inference_gaps(self, X: ArrayLike, k: int = _gap.DEFAULT_K, steps: int = _gap.REFINE_STEPS, seed: int = 0,
                        **kwargs) -> "_gap.InferenceGaps":
-        """Per sample: log p(x) (IWAE, k), L[q] of the encoder, L[q*] of the best diagonal Gaussian for
-        this x (`steps` Adam steps from the encoder's output), the approximation gap log p(x) - L[q*]
+        """Per sample: log p(x) (IWAE, k), L[q] of the encoder, L[q*] of the best Gaussian of the run's
+        family for this x (`steps` Adam steps from the encoder's output), the approximation gap log p(x) - L[q*]
         and the amortization gap L[q*] - L[q], with Monte Carlo standard errors (Cremer et al. 2018).
         The importance sampler's proposal is q* (``proposal="refined"``) or the encoder's q
         (``"encoder"``: log p(x) is then `log_likelihood`'s with the same k and seed). Other keyword
@@ -513,14 +492,15 @@ class VAE(TransformerMixin, BaseEstimator):
         return _gap.inference_gaps(self.module_, self._tensor(X, seed), k, steps, seed=seed, **kwargs)
 
     def aggregate_posterior(self, X: ArrayLike, seed: Optional[int] = 0):
-        """The data set's latent distribution q(z) = mean_x q(z|x): mean, covariance and variance split.
+        """The data set's latent distribution q(z) = mean_x q(z|x): mean, covariance and variance split,
+        against the run's prior p(z) (its moments; E_x KL(q(z|x) || p(z))).
 
         Returns
         -------
         vaelens.posterior.AggregatePosterior
         """
         post = self.encode(X, seed=seed)
-        return aggregate_posterior(post.mu, post.sigma)
+        return aggregate_posterior(post.mu, post.sigma, post.scale_tril, prior_of(self.module_))
 
     def symmetry(self, X: ArrayLike, seed: int = 0, n_rotations: int = 3, n_samples: int = 16):
         """ELBO under a random signed permutation (unchanged) and random rotations (lower) of the latents.

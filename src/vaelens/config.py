@@ -177,7 +177,7 @@ class ModelConfig:
         if self.prior_components is not None:
             if self.prior == "normal":
                 raise ConfigError(f"{prefix}.prior_components (--prior-components) needs --prior mog or vamp")
-            _positive_int(f"{prefix}.prior_components", self.prior_components, MAX_COMPONENTS)
+            _positive_int(f"{prefix}.prior_components (--prior-components)", self.prior_components, MAX_COMPONENTS)
         if self.posterior == "full" and self.latent_dim > MAX_FULL_LATENT:
             raise ConfigError(f"{prefix}.latent_dim: {self.latent_dim} with --posterior full; at most "
                               f"{MAX_FULL_LATENT} are allowed")

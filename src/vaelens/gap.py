@@ -2,14 +2,15 @@
 sample, and the two gaps between them (Cremer, Li & Duvenaud 2018).
 
 For fixed decoder weights the model has a true posterior p(z|x) = p(x|z) p(z) / p(x). The
-encoder's q(z|x) = N(mu(x), diag sigma(x)^2) approximates it, and falls short twice:
+encoder's q(z|x) = N(mu(x), Sigma(x)) (diagonal or full covariance) approximates it, and falls
+short twice:
 
     log p(x) - L[q]  =  (log p(x) - L[q*])  +  (L[q*] - L[q])
                         approximation gap       amortization gap
 
-where q* is the best diagonal Gaussian for this x alone (`refine`): no diagonal Gaussian equals
-p(z|x) (the first), and one network serves every x (the second). Both gaps are KL divergences:
-log p(x) - L[q] = KL(q || p(z|x)).
+where q* is the best Gaussian of the run's family (diagonal, or full covariance) for this x alone
+(`refine`): no such Gaussian equals p(z|x) (the first), and one network serves every x (the
+second). Both gaps are KL divergences: log p(x) - L[q] = KL(q || p(z|x)).
 
 * `true_posterior`: self-normalized importance sampling with q(z|x) (or q*) as the proposal gives
   E_p[z], Std_p[z] per sample, their Monte Carlo errors, the effective sample size and the
@@ -39,8 +40,8 @@ import numpy as np
 import torch
 
 from .errors import ConfigError
-from .evaluate import EPS_BLOCK, ROWS_PER_CALL, _draw, _row_generator
-from .model import VAEModule, diagonal_normal, reparameterize
+from .evaluate import EPS_BLOCK, ROWS_PER_CALL, _draw, _row_generator, rows_per_call
+from .model import VAEModule, diagonal_normal, full_normal, reparameterize, scale_tril
 
 DEFAULT_K = 1000          # importance samples per x for E_p[z], Std_p[z] and log p(x)
 REFINE_STEPS = 300        # Adam steps for q*
@@ -60,11 +61,18 @@ _STREAM_OPT = 1 << 48
 _STREAM_ELBO = 2 << 48
 
 
-def _chunks(n: int, k: int) -> Tuple[int, int]:
-    """Rows and draws per decoder call, as `iwae_log_likelihood` chooses them (same noise, same figures)."""
-    batch = max(1, min(n, ROWS_PER_CALL // min(k, ROWS_PER_CALL)))
-    chunk = max(1, min(k, ROWS_PER_CALL // batch))
+def _chunks(n: int, k: int, rows: int = ROWS_PER_CALL) -> Tuple[int, int]:
+    """Rows and draws per decoder call for `rows` (z, x) pairs a call (`evaluate.rows_per_call`), as
+    `iwae_log_likelihood` chooses them (same noise, same figures)."""
+    batch = max(1, min(n, rows // min(k, rows)))
+    chunk = max(1, min(k, rows // batch))
     return batch, min(k, -(-chunk // EPS_BLOCK) * EPS_BLOCK)
+
+
+def gaussian(loc: torch.Tensor, scale: torch.Tensor):
+    """q(z|x) from a proposal or q* as `refine` gives it: scale (n, d) is the diagonal family's std,
+    (n, d, d) the full family's Cholesky factor."""
+    return full_normal(loc, scale) if scale.ndim == 3 else diagonal_normal(loc, scale)
 
 
 def _noise(seed: int, start: int, b: int, c: int, like: torch.Tensor) -> torch.Tensor:
@@ -255,27 +263,28 @@ def true_posterior(module: VAEModule, x_all: torch.Tensor, k: int = DEFAULT_K, s
                    proposal: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> TruePosterior:
     """Importance-sampled moments of p(z|x) for every row of x_all (n, p), in the model's units.
 
-    The proposal is the encoder's q(z|x), or with `proposal` = (loc, scale), tensors (n, d), another
-    diagonal Gaussian per row, such as q* from `refine`: any proposal gives consistent moments and an
+    The proposal is the encoder's q(z|x), or with `proposal` = (loc, scale), tensors (n, d) and
+    (n, d) or (n, d, d) (a Cholesky factor), another Gaussian per row, such as q* from `refine`: any
+    proposal gives consistent moments and an
     IWAE-type estimate of log p(x), and one closer to p(z|x) gives a larger ESS (in 50 latent
     dimensions the encoder's q often leaves an ESS of a few draws in a thousand). `mu`, `sigma` of the
     result are always the encoder's.
 
-    Draws are taken `ROWS_PER_CALL` (z, x) pairs per decoder call and folded into running sums,
+    Draws are taken `rows_per_call` (z, x) pairs per decoder call and folded into running sums,
     so memory does not grow with k; each row's noise comes from its own stream seeded by
     (seed, row), as in `iwae_log_likelihood` (whose log p(x) the encoder's proposal reproduces).
     """
     if k < 2:
         raise ConfigError(f"k (importance samples) must be >= 2, got {k}")
     n, d = len(x_all), module.latent_dim
-    batch, chunk = _chunks(n, k)
+    batch, chunk = _chunks(n, k, rows_per_call(module))
     parts, mus, sigmas, locs = [], [], [], []
     module.eval()
     with torch.inference_mode():
         for i in range(0, n, batch):
             x = x_all[i:i + batch]                                           # (b, p)
             q = module.inference(x)                                          # batch (b, d): the encoder's
-            qz = q if proposal is None else diagonal_normal(proposal[0][i:i + batch], proposal[1][i:i + batch])  # the proposal
+            qz = q if proposal is None else gaussian(proposal[0][i:i + batch], proposal[1][i:i + batch])  # the proposal
             gens = [_row_generator(seed, i + j, x.device) for j in range(len(x))]
             acc = _Running(len(x), d, tail_length(k) + 1, x.device)
             for j in range(0, k, chunk):
@@ -305,7 +314,7 @@ class PosteriorCloud:
     weights : ndarray of shape (n, k)
         Self-normalized importance weights p(x, z) / proposal(z), each row summing to 1.
     loc, scale : ndarray of shape (n, d)
-        The proposal: the encoder's q, or q* (`refine`).
+        The proposal: the encoder's q, or q* (`refine`); scale its marginal std.
     mu, sigma : ndarray of shape (n, d)
         The encoder's q(z|x).
     k : int
@@ -335,14 +344,14 @@ def posterior_cloud(module: VAEModule, x_all: torch.Tensor, k: int = DEFAULT_K, 
     """
     if k < 2:
         raise ConfigError(f"k (importance samples) must be >= 2, got {k}")
-    batch, chunk = _chunks(len(x_all), k)
+    batch, chunk = _chunks(len(x_all), k, rows_per_call(module))
     out = {key: [] for key in ("z", "w", "loc", "scale", "mu", "sigma")}
     module.eval()
     with torch.inference_mode():
         for i in range(0, len(x_all), batch):
             x = x_all[i:i + batch]                                           # (b, p)
             q = module.inference(x)                                          # batch (b, d)
-            qz = q if proposal is None else diagonal_normal(proposal[0][i:i + batch], proposal[1][i:i + batch])
+            qz = q if proposal is None else gaussian(proposal[0][i:i + batch], proposal[1][i:i + batch])
             # one _draw(g, k) per row equals true_posterior's chunked draws: chunk is a multiple of EPS_BLOCK
             eps = _noise(seed, i, len(x), k, qz.mean)                         # (k, b, d)
             lw = torch.cat([module.draw(x, eps[j:j + chunk], qz=qz, weights=True, closed_form=True).log_w
@@ -356,39 +365,47 @@ def posterior_cloud(module: VAEModule, x_all: torch.Tensor, k: int = DEFAULT_K, 
                           k=k, proposal="encoder" if proposal is None else "refined")
 
 
-# --- q*: the best diagonal Gaussian per sample for the fixed decoder --------------------------
+# --- q*: the best Gaussian of the run's family per sample for the fixed decoder ----------------
 
 def refine(module: VAEModule, x_all: torch.Tensor, steps: int = REFINE_STEPS, *, seed: int = 0,
            lr: float = REFINE_LR, draws: int = REFINE_DRAWS) -> Tuple[torch.Tensor, torch.Tensor]:
-    """q*(z|x) = N(m, diag s^2) per row of x_all (n, p): returns m and s, tensors of shape (n, d).
+    """q*(z|x) = N(m, diag s^2) per row of x_all (n, p): returns m and s, tensors of shape (n, d); for a
+    full-covariance run q* = N(m, L L^T) in the same family, and the second tensor is L, (n, d, d).
 
     m and log s start at the encoder's mu(x), log sigma(x) and are optimized jointly, as one
     (2, b, d) tensor, by Adam on the negative sum over rows of a Monte Carlo ELBO with `draws`
-    reparameterized draws per row and step (analytic KL). The objective is a sum of per-row terms
-    and Adam is per-coordinate, so every row is optimized exactly as it would be alone. Stopping
-    rule: a fixed number of `steps`, the learning rate falling linearly from `lr` to
-    REFINE_LR_END * lr. The noise of row r comes from its own stream (seed, r), so the result does
+    reparameterized draws per row and step (analytic KL where torch has it, else Monte Carlo with
+    the same draws). The full family adds L's d(d-1)/2 entries below the diagonal, a second tensor
+    (b, d(d-1)/2) started at the encoder's, with log s the log of L's diagonal. The objective is a
+    sum of per-row terms and Adam is per-coordinate, so every row is optimized exactly as it would
+    be alone. Stopping rule: a fixed number of `steps`, the learning rate falling linearly from `lr`
+    to REFINE_LR_END * lr. The noise of row r comes from its own stream (seed, r), so the result does
     not depend on how rows are batched. The decoder is a frozen copy: no gradient reaches it.
     """
     if steps < 0 or draws < 1 or not lr > 0:
         raise ConfigError(f"refine needs steps >= 0, draws >= 1, lr > 0; got {steps}, {draws}, {lr}")
     frozen = copy.deepcopy(module).eval().requires_grad_(False)
-    rows = max(1, ROWS_PER_CALL // draws)
+    rows = max(1, rows_per_call(module) // draws)
+    full = module.cfg.posterior == "full"
+    below = torch.tril_indices(module.latent_dim, module.latent_dim, offset=-1, device=x_all.device)
     locs, scales = [], []
     with torch.inference_mode():
         q0 = frozen.inference(x_all)                                         # batch (n, d)
-        init = torch.stack([q0.mean, q0.stddev.log()])                       # (2, n, d)
+        L0 = scale_tril(q0) if full else None                                # (n, d, d)
+        init = torch.stack([q0.mean, L0.diagonal(dim1=-2, dim2=-1).log() if full else q0.stddev.log()])  # (2, n, d)
+        off0 = L0[:, below[0], below[1]] if full else None                   # (n, d(d-1)/2)
     init = init.clone()                                                      # a normal tensor again, for autograd
     with torch.enable_grad():
         for i in range(0, len(x_all), rows):
             x = x_all[i:i + rows].clone()                                    # (b, p)
             theta = init[:, i:i + rows].clone().requires_grad_(True)         # (2, b, d): m, log s
+            params = [theta] + ([off0[i:i + rows].clone().requires_grad_(True)] if full else [])
             eps = _Stream(seed ^ _STREAM_OPT, i, len(x), steps * draws, theta[0].detach())
-            opt = torch.optim.Adam([theta], lr=lr)
+            opt = torch.optim.Adam(params, lr=lr)
             decay = torch.optim.lr_scheduler.LambdaLR(
                 opt, lambda t: 1 - (1 - REFINE_LR_END) * min(t, steps) / max(steps, 1))
             for t in range(steps):
-                qz = diagonal_normal(theta[0], theta[1].exp())               # batch (b,), event (d,)
+                qz = _refined(theta, params[1] if full else None, below)   # batch (b,), event (d,)
                 e = eps.take(draws)                                          # (draws, b, d)
                 loss = -frozen.draw(x, e, qz=qz, closed_form=True).terms.elbo.sum()
                 opt.zero_grad(set_to_none=True)
@@ -396,8 +413,19 @@ def refine(module: VAEModule, x_all: torch.Tensor, steps: int = REFINE_STEPS, *,
                 opt.step()
                 decay.step()
             locs.append(theta[0].detach())
-            scales.append(theta[1].detach().exp())
+            scales.append(scale_tril(_refined(theta, params[1] if full else None, below)).detach() if full
+                          else theta[1].detach().exp())
     return torch.cat(locs), torch.cat(scales)
+
+
+def _refined(theta: torch.Tensor, off: Optional[torch.Tensor], below: torch.Tensor):
+    """q* from its parameters: theta (2, b, d) = m, log s; `off` (b, d(d-1)/2) L's entries below its
+    diagonal s for the full family, None for the diagonal one."""
+    if off is None:
+        return diagonal_normal(theta[0], theta[1].exp())
+    L = torch.diag_embed(theta[1].exp())                                     # (b, d, d)
+    L[:, below[0], below[1]] = off                                           # out of place for autograd: L is new
+    return full_normal(theta[0], L)
 
 
 # --- the gaps --------------------------------------------------------------------------------
@@ -411,7 +439,7 @@ class InferenceGaps:
     log_px, log_px_se : (n,)
         Importance-weighted estimate with k draws from the proposal (`posterior`'s weights).
     elbo_amortized, elbo_amortized_se : (n,)
-        L[q] of the encoder's q, `elbo_draws` fresh draws (analytic KL).
+        L[q] of the encoder's q, `elbo_draws` fresh draws (analytic KL where torch has it).
     elbo_optimal, elbo_optimal_se : (n,)
         L[q*] on the same fresh draws (common random numbers), independent of the optimization's.
     approximation_gap, approximation_gap_se : (n,)
@@ -419,7 +447,7 @@ class InferenceGaps:
     amortization_gap, amortization_gap_se : (n,)
         L[q*] - L[q]; the s.e. of the per-draw differences (the shared noise cancels most of it).
     mu_opt, sigma_opt : (n, d)
-        q*'s mean and std.
+        q*'s mean and (marginal) std.
     posterior : TruePosterior
     k, steps, lr, draws, elbo_draws : the settings used.
     """
@@ -442,6 +470,7 @@ class InferenceGaps:
     lr: float
     draws: int
     elbo_draws: int
+    scale_tril_opt: Optional[np.ndarray] = None  # (n, d, d): q*'s Cholesky factor, full-covariance runs only
 
     @property
     def distance_opt(self) -> np.ndarray:
@@ -479,7 +508,7 @@ class InferenceGaps:
 def _elbos(module: VAEModule, x_all: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, S: int,
            seed: int) -> dict:
     """L[q] and L[q*] per row on the same S fresh draws: means and s.e. (n,) and the difference's s.e."""
-    rows = max(1, ROWS_PER_CALL // S)
+    rows = max(1, rows_per_call(module) // S)
     keys = ("amortized", "amortized_se", "optimal", "optimal_se", "diff_se")
     out = {key: [] for key in keys}
     module.eval()
@@ -487,7 +516,7 @@ def _elbos(module: VAEModule, x_all: torch.Tensor, loc: torch.Tensor, scale: tor
         for i in range(0, len(x_all), rows):
             x = x_all[i:i + rows]                                            # (b, p)
             q = module.inference(x)                                          # batch (b, d)
-            qs = diagonal_normal(loc[i:i + rows], scale[i:i + rows])
+            qs = gaussian(loc[i:i + rows], scale[i:i + rows])
             eps = _noise(seed ^ _STREAM_ELBO, i, len(x), S, q.mean)           # (S, b, d)
             e = []
             for qz in (q, qs):
@@ -521,5 +550,7 @@ def inference_gaps(module: VAEModule, x_all: torch.Tensor, k: int = DEFAULT_K, s
                          elbo_optimal=ev["optimal"], elbo_optimal_se=ev["optimal_se"],
                          approximation_gap=tp.log_px - ev["optimal"], approximation_gap_se=approx_se,
                          amortization_gap=ev["optimal"] - ev["amortized"], amortization_gap_se=ev["diff_se"],
-                         mu_opt=loc.double().cpu().numpy(), sigma_opt=scale.double().cpu().numpy(),
-                         posterior=tp, k=k, steps=steps, lr=lr, draws=draws, elbo_draws=elbo_draws)
+                         mu_opt=loc.double().cpu().numpy(),
+                         sigma_opt=gaussian(loc, scale).stddev.double().cpu().numpy(),
+                         posterior=tp, k=k, steps=steps, lr=lr, draws=draws, elbo_draws=elbo_draws,
+                         scale_tril_opt=scale.double().cpu().numpy() if scale.ndim == 3 else None)

@@ -11,10 +11,18 @@ Gaussian: a diagonal-Gaussian VAE can represent it exactly. With distinct column
 diagonal form is unique up to a signed permutation of the axes; with equal norms M is a
 multiple of I and any rotation of z gives the same data distribution and an equally diagonal
 posterior, so mu(x) is then unique only up to rotation.
+
+The data distribution only fixes W up to a rotation (W R^T gives the same x), so what decides a
+VAE's symmetry is the spectrum of W^T W, not W's columns. `equal_norm_loadings` gives columns of
+equal norm at given angles: W^T W then has distinct eigenvalues, the exact posterior covariance is
+diagonal only in W^T W's eigenbasis (the coordinates a diagonal linear VAE settles in: its decoder
+columns come out orthogonal, Lucas et al. 2019), and a rotation away from it costs a diagonal
+posterior ELBO while a full-covariance posterior follows it for free.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -77,6 +85,32 @@ def orthogonal_loadings(p: int, norms: Sequence[float], seed: int = 0) -> np.nda
     return q * norms
 
 
+def loadings_with_gram(p: int, gram, seed: int = 0) -> np.ndarray:
+    """A (p, d) matrix W with W^T W = gram (symmetric positive definite), in a random orientation."""
+    G = np.asarray(gram, dtype=np.float64)
+    d = G.shape[0]
+    if G.shape != (d, d) or p < d or not np.allclose(G, G.T):
+        raise ConfigError(f"gram must be a symmetric d x d matrix with d <= p={p}, got shape {G.shape}")
+    try:
+        L = np.linalg.cholesky(G)
+    except np.linalg.LinAlgError:
+        raise ConfigError("gram must be positive definite") from None
+    return orthogonal_loadings(p, np.ones(d), seed) @ L.T                    # (Q L^T)^T (Q L^T) = L L^T
+
+
+def equal_norm_loadings(p: int, norm: float, cosines: Sequence[float], seed: int = 0) -> np.ndarray:
+    """(p, d) loadings whose d columns all have norm `norm`, with cos(angle between columns i < j) given
+    row by row in `cosines` (d(d-1)/2 values). Nonzero, unequal cosines give W^T W distinct eigenvalues."""
+    c = np.asarray(cosines, dtype=np.float64)
+    d = int(round((1 + math.sqrt(1 + 8 * len(c))) / 2))
+    if d * (d - 1) // 2 != len(c) or not norm > 0:
+        raise ConfigError(f"need norm > 0 and d(d-1)/2 cosines, got norm {norm} and {len(c)} cosines")
+    C = np.eye(d)
+    C[np.triu_indices(d, 1)] = c
+    C = np.triu(C) + np.triu(C, 1).T
+    return loadings_with_gram(p, norm ** 2 * C, seed)
+
+
 def ppca(n: int = 2000, norms: Sequence[float] = (3.0, 2.0, 1.0), p: int = 8, noise_std: float = 0.5,
          seed: int = 0, loadings: Optional[np.ndarray] = None, mean: Optional[np.ndarray] = None) -> PPCAData:
     """Draw n samples from probabilistic PCA and return them with the exact posterior.
@@ -135,3 +169,23 @@ def log_likelihood(X: np.ndarray, W: np.ndarray, mean: np.ndarray, noise_std: fl
     X = np.asarray(X, np.float64)                                             # (n, p)
     C = W @ W.T + noise_std ** 2 * np.eye(X.shape[1])                        # (p, p)
     return np.atleast_1d(stats.multivariate_normal(np.broadcast_to(mean, X.shape[1:]), C).logpdf(X))
+
+
+def ppca_ml(X: np.ndarray, d: int):
+    """Maximum-likelihood PPCA fitted to X (n, p) (Tipping & Bishop 1999, eq. 7-8): (W (p, d), mean (p,), noise_std).
+
+    The model a linear VAE with a learned isotropic noise scale can at best reach on this sample
+    (its ELBO's optimum is the PPCA likelihood's, Lucas et al. 2019): the exact posterior under it,
+    `exact_posterior(X, *ppca_ml(X, d))`, is what a converged linear VAE should recover, free of
+    the sampling error that separates the sample from the true W.
+    """
+    X = np.asarray(X, np.float64)
+    n, p = X.shape
+    if not 1 <= d < p:
+        raise ConfigError(f"ML PPCA needs 1 <= d < p, got d={d}, p={p}")
+    mean = X.mean(0)
+    lam, U = np.linalg.eigh(np.cov(X, rowvar=False, bias=True))              # ascending
+    lam, U = lam[::-1], U[:, ::-1]
+    s2 = float(lam[d:].mean())                                               # the discarded variance
+    W = U[:, :d] * np.sqrt(np.maximum(lam[:d] - s2, 0.0))                    # (p, d), up to a rotation
+    return W, mean, math.sqrt(s2)

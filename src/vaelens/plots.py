@@ -65,15 +65,66 @@ def save_figure(fig: Figure, path) -> bytes:
     return data
 
 
-def mixture_density(t: np.ndarray, mu: np.ndarray, sigma: np.ndarray) -> np.ndarray:
-    """The one-dimensional mixture (1/n) sum_i N(t; mu_i, sigma_i^2) at the points t (G,): shape (G,).
+def mixture_density(t: np.ndarray, mu: np.ndarray, sigma: np.ndarray,
+                    weights: Optional[np.ndarray] = None) -> np.ndarray:
+    """The one-dimensional mixture sum_i w_i N(t; mu_i, sigma_i^2) at the points t (G,): shape (G,).
 
     The package's one numpy normal density, for figures (tensors use torch.distributions): mu,
-    sigma (n,) are one latent's posteriors, the aggregate posterior q(z_j); the prior N(0, 1) is
-    the mixture of one. Memory (G, n).
+    sigma (n,) are one latent's posteriors, the aggregate posterior q(z_j) with equal weights 1/n
+    (`weights` None); the prior N(0, 1) is the mixture of one, a mixture prior's marginal the
+    mixture of its components' marginals with their weights (n,). Memory (G, n).
     """
     u = (np.asarray(t, dtype=np.float64)[:, None] - mu) / sigma             # (G, n)
-    return (np.exp(-0.5 * u ** 2) / (sigma * math.sqrt(2 * math.pi))).mean(1)
+    dens = np.exp(-0.5 * u ** 2) / (sigma * math.sqrt(2 * math.pi))         # (G, n)
+    return dens.mean(1) if weights is None else dens @ np.asarray(weights, dtype=np.float64)
+
+
+def ellipse_axes(cov: np.ndarray):
+    """The 1-sigma ellipse of N(., cov) for 2x2 covariances (..., 2, 2): full width along the major axis,
+    full height along the minor one, the major axis's angle in degrees from the first coordinate, each
+    (...). The k-sigma ellipse {z : (z - m)^T cov^-1 (z - m) = k^2} is k times as wide and high."""
+    lam, vec = np.linalg.eigh(np.asarray(cov, dtype=np.float64))          # ascending eigenvalues
+    lam = np.clip(lam, 0.0, None)  # a rounding-level negative eigenvalue is a flat ellipse, not NaN
+    angle = np.degrees(np.arctan2(vec[..., 1, 1], vec[..., 0, 1]))          # the major eigenvector's direction
+    return 2 * np.sqrt(lam[..., 1]), 2 * np.sqrt(lam[..., 0]), angle
+
+
+def _ellipses(ax, centre, dims, sd=None, cov=None, styles=((1, "-"), (2, ":")), **kw) -> None:
+    """A posterior's m-sigma ellipses in the dimensions dims = (i, j): axis-aligned from the
+    marginal stds sd (d,), or rotated from the covariance cov (d, d) (its 2x2 block) when given."""
+    i, j = dims
+    for m, ls in styles:
+        if cov is None:
+            ax.add_patch(Ellipse(centre, 2 * m * sd[i], 2 * m * sd[j], fill=False, ls=ls, **kw))
+        else:
+            w, h, a = ellipse_axes(np.asarray(cov)[[i, j]][:, [i, j]])
+            ax.add_patch(Ellipse(centre, m * w, m * h, angle=a, fill=False, ls=ls, **kw))
+
+
+def _prior_overlay(ax, prior: Optional[dict], dims) -> str:
+    """The prior where the latent space is shown; returns the title's words for it.
+
+    Without `prior` (N(0, I)): its 1- and 2-sigma circles. With it, a dict of ``u`` (Gu,), ``v``
+    (Gv,), ``density`` (Gv, Gu) (the prior's marginal over the shown pair on that grid), ``levels``
+    (the densities enclosing 39% and 86% of its mass, like a Gaussian's 1- and 2-sigma ellipses)
+    and ``name``: the density shaded, with dashed contours at those levels.
+    """
+    if prior is None:
+        for m in (1, 2):
+            ax.add_patch(Ellipse((0, 0), 2 * m, 2 * m, fill=False, ec="0.5", lw=0.8, ls="--"))
+        return "grey dashed: prior N(0, I) 1σ, 2σ"
+    u, v, p = prior["u"], prior["v"], np.asarray(prior["density"])
+    # The view holds what is already drawn and the prior's 86% region, not the whole density grid.
+    inside = p >= min(prior["levels"])                                      # (Gv, Gu)
+    cols, rows = np.nonzero(inside.any(0))[0], np.nonzero(inside.any(1))[0]
+    if len(cols):
+        ax.update_datalim([(u[cols[0]], v[rows[0]]), (u[cols[-1]], v[rows[-1]])])
+    view = ax.dataLim.frozen()
+    ax.contourf(u, v, p, levels=np.linspace(0, float(p.max()), 9)[1:], cmap="Greys", alpha=0.35, zorder=0,
+                extend="max")
+    ax.contour(u, v, p, levels=sorted(prior["levels"]), colors="0.35", linewidths=0.9, linestyles="--", zorder=1)
+    ax.dataLim.set(view)  # the contours' grid does not widen the view
+    return f"grey: prior {prior['name']}, p(z{dims[0]}, z{dims[1]}); dashed: 39%, 86% of its mass"
 
 
 def _new(nrows: int = 1, ncols: int = 1, w: float = 4.0, h: float = 3.2, **kw):
@@ -236,8 +287,9 @@ def interpolation_figure(images: np.ndarray, image_shape: Sequence[int], ends: O
 
 def latent_map_figure(mu: np.ndarray, sigma: np.ndarray, dims: Sequence[int] = (0, 1),
                       labels: Optional[np.ndarray] = None, ellipse_idx: Optional[np.ndarray] = None,
-                      label_names: Optional[Sequence[str]] = None, note: str = "") -> Figure:
-    """Each sample's mu in two latent dimensions, and for a subset its 1- and 2-sigma ellipses.
+                      label_names: Optional[Sequence[str]] = None, note: str = "",
+                      cov: Optional[np.ndarray] = None, prior: Optional[dict] = None) -> Figure:
+    """Each sample's mu in two latent dimensions, for a subset its 1- and 2-sigma ellipses, and the prior.
 
     Parameters
     ----------
@@ -245,6 +297,11 @@ def latent_map_figure(mu: np.ndarray, sigma: np.ndarray, dims: Sequence[int] = (
     dims : the two latent dimensions to show
     labels : ndarray of shape (n,), optional; colours the points
     ellipse_idx : indices of the samples that get ellipses
+    cov : ndarray of shape (n, d, d), optional
+        Full covariances (a full-covariance run): the ellipses are drawn from their 2x2 blocks,
+        rotated; without it they are axis-aligned from sigma.
+    prior : dict, optional
+        The prior's density over the shown pair (see `_prior_overlay`); default N(0, I)'s circles.
     """
     i, j = dims
     colours, legend = _label_colours(labels)
@@ -254,13 +311,11 @@ def latent_map_figure(mu: np.ndarray, sigma: np.ndarray, dims: Sequence[int] = (
     if ellipse_idx is not None:
         for k in ellipse_idx:
             col = colours[k] if isinstance(colours, list) else colours
-            for m, ls in ((1, "-"), (2, ":")):
-                ax.add_patch(Ellipse((mu[k, i], mu[k, j]), 2 * m * sigma[k, i], 2 * m * sigma[k, j], fill=False,
-                                     ec=col, lw=1.0, ls=ls, alpha=0.9))
+            _ellipses(ax, (mu[k, i], mu[k, j]), dims, sigma[k], None if cov is None else cov[k],
+                      ec=col, lw=1.0, alpha=0.9)
             ax.plot(mu[k, i], mu[k, j], "k+", ms=6)
     # Prior contours give the scale: a posterior as wide as these has learned nothing about x.
-    for m in (1, 2):
-        ax.add_patch(Ellipse((0, 0), 2 * m, 2 * m, fill=False, ec="0.5", lw=0.8, ls="--"))
+    prior_words = _prior_overlay(ax, prior, dims)
     if legend:
         names = [label_names[int(c)] if label_names is not None else str(c) for c, _ in legend]
         handles = [plt.Line2D([], [], marker="o", ls="", color=col, ms=5) for _, col in legend]
@@ -269,15 +324,17 @@ def latent_map_figure(mu: np.ndarray, sigma: np.ndarray, dims: Sequence[int] = (
     ax.set_ylabel(f"z{j}")
     ax.set_aspect("equal", adjustable="datalim")
     ax.grid(alpha=0.3)
-    ax.set_title(f"latent map: mu(x) in z{i}, z{j}; ellipses mu ± 1σ (solid), 2σ (dotted)\n"
-                 f"grey dashed: prior 1σ, 2σ{'; ' + note if note else ''}", fontsize=9)
+    what = "ellipses mu ± 1σ (solid), 2σ (dotted)" if cov is None else "ellipses 1σ, 2σ of the full covariance"
+    sep = "; " if prior is None else "\n"  # a mixture prior's words take a line of their own
+    ax.set_title(f"latent map: mu(x) in z{i}, z{j}; {what}\n"
+                 f"{prior_words}{sep + note if note else ''}", fontsize=9)
     fig.tight_layout()
     return fig
 
 
 def point_cloud_figure(z: np.ndarray, mu: np.ndarray, sigma: np.ndarray, emp_mean: np.ndarray,
                        emp_std: np.ndarray, dims: Sequence[int] = (0, 1), names: Optional[Sequence[str]] = None,
-                       passed: Optional[Sequence[bool]] = None) -> Figure:
+                       passed: Optional[Sequence[bool]] = None, cov: Optional[np.ndarray] = None) -> Figure:
     """The reparameterized z of a few samples around their posterior ellipses.
 
     Parameters
@@ -290,17 +347,20 @@ def point_cloud_figure(z: np.ndarray, mu: np.ndarray, sigma: np.ndarray, emp_mea
         Mean and standard deviation of the draws.
     names : a title per sample
     passed : whether each sample's check passed
+    cov : ndarray of shape (k, d, d), optional
+        The encoder's full covariances (a full-covariance run): its ellipses are drawn from their
+        2x2 blocks and the draws' from their empirical covariance, both rotated.
     """
     i, j = dims
     k = z.shape[1]
+    sig = "σ" if cov is None else "L"
     fig, panels = _panels(k, w=3.3, h=3.8)
     for s, ax in enumerate(panels):
         ax.scatter(z[:, s, i], z[:, s, j], s=4, alpha=0.35, color="tab:blue", linewidths=0, label="z samples")
-        for m, ls in ((1, "-"), (2, ":")):
-            ax.add_patch(Ellipse((mu[s, i], mu[s, j]), 2 * m * sigma[s, i], 2 * m * sigma[s, j], fill=False,
-                                 ec="tab:red", lw=1.4, ls=ls))
-        ax.add_patch(Ellipse((emp_mean[s, i], emp_mean[s, j]), 2 * emp_std[s, i], 2 * emp_std[s, j], fill=False,
-                             ec="black", lw=1.0, ls="--"))
+        _ellipses(ax, (mu[s, i], mu[s, j]), dims, sigma[s], None if cov is None else cov[s], ec="tab:red", lw=1.4)
+        emp_cov = None if cov is None else np.cov(z[:, s, :], rowvar=False, ddof=0)  # (d, d): the draws' own
+        _ellipses(ax, (emp_mean[s, i], emp_mean[s, j]), dims, emp_std[s], emp_cov, styles=((1, "--"),),
+                  ec="black", lw=1.0)
         ax.plot(mu[s, i], mu[s, j], "+", color="tab:red", ms=10, mew=2)
         ax.plot(emp_mean[s, i], emp_mean[s, j], "x", color="black", ms=7)
         ax.set_aspect("equal", adjustable="datalim")
@@ -315,9 +375,10 @@ def point_cloud_figure(z: np.ndarray, mu: np.ndarray, sigma: np.ndarray, emp_mea
                             f"mean {emp_mean[s, i]:+.2f}, {emp_mean[s, j]:+.2f}  sd {emp_std[s, i]:.2f}, "
                             f"{emp_std[s, j]:.2f}",
                 transform=ax.transAxes, fontsize=6.5, family="monospace", va="top")
-    handles = [plt.Line2D([], [], marker="o", ls="", color="tab:blue", alpha=0.6, label="z = mu + σ·eps"),
+    handles = [plt.Line2D([], [], marker="o", ls="", color="tab:blue", alpha=0.6, label=f"z = mu + {sig}·eps"),
                plt.Line2D([], [], color="tab:red", label="mu ± 1σ, 2σ (encoder)"),
-               plt.Line2D([], [], color="black", ls="--", label="empirical mean ± sd")]
+               plt.Line2D([], [], color="black", ls="--",
+                          label="empirical mean ± sd" if cov is None else "empirical mean, 1σ of the draws' covariance")]
     fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     return fig
@@ -325,11 +386,13 @@ def point_cloud_figure(z: np.ndarray, mu: np.ndarray, sigma: np.ndarray, emp_mea
 
 def true_posterior_figure(z: np.ndarray, weights: np.ndarray, mu: np.ndarray, sigma: np.ndarray,
                           mu_opt: np.ndarray, sigma_opt: np.ndarray, mean: np.ndarray, dims: Sequence[int] = (0, 1),
-                          names: Optional[Sequence[str]] = None, notes: Optional[Sequence[str]] = None) -> Figure:
+                          names: Optional[Sequence[str]] = None, notes: Optional[Sequence[str]] = None,
+                          cov: Optional[np.ndarray] = None) -> Figure:
     """The importance-weighted cloud of p(z|x) beside the encoder's q and q*, for a few samples.
 
     z (m, k, d) draws with normalized weights (m, k); mu, sigma the encoder's, mu_opt, sigma_opt q*'s
-    and mean the importance-sampled E_p[z], each (m, d); notes: a caption line per panel.
+    and mean the importance-sampled E_p[z], each (m, d); notes: a caption line per panel; cov (m, d, d)
+    the encoder's full covariances (a full-covariance run), whose ellipses are then rotated.
     """
     i, j = dims
     fig, panels = _panels(len(z), w=3.3, h=3.9)
@@ -339,10 +402,8 @@ def true_posterior_figure(z: np.ndarray, weights: np.ndarray, mu: np.ndarray, si
         rgba = np.zeros((len(o), 4))
         rgba[:, 2], rgba[:, 3] = 0.6, 0.08 + 0.92 * rel[o]                   # alpha by weight: ESS at a glance
         ax.scatter(z[s, o, i], z[s, o, j], s=2 + 40 * rel[o], c=rgba, linewidths=0)
-        for m, ls in ((1, "-"), (2, ":")):
-            for c, sd, col in ((mu, sigma, "tab:red"), (mu_opt, sigma_opt, "tab:green")):
-                ax.add_patch(Ellipse((c[s, i], c[s, j]), 2 * m * sd[s, i], 2 * m * sd[s, j], fill=False,
-                                     ec=col, lw=1.3, ls=ls))
+        _ellipses(ax, (mu[s, i], mu[s, j]), dims, sigma[s], None if cov is None else cov[s], ec="tab:red", lw=1.3)
+        _ellipses(ax, (mu_opt[s, i], mu_opt[s, j]), dims, sigma_opt[s], ec="tab:green", lw=1.3)
         ax.plot(mu[s, i], mu[s, j], "+", color="tab:red", ms=10, mew=2)
         ax.plot(mu_opt[s, i], mu_opt[s, j], "+", color="tab:green", ms=9, mew=1.5)
         ax.plot(mean[s, i], mean[s, j], "x", color="black", ms=8, mew=2)
@@ -363,30 +424,36 @@ def true_posterior_figure(z: np.ndarray, weights: np.ndarray, mu: np.ndarray, si
 
 
 def aggregate_posterior_figure(mu: np.ndarray, sigma: np.ndarray, dims: Optional[Sequence[int]] = None,
-                               grid: int = 241) -> Figure:
-    """Per dimension, the aggregate posterior q(z_j) = mean_i N(z_j; mu_ij, sigma_ij²) against N(0, 1).
+                               grid: int = 241, prior: Optional[tuple] = None, prior_name: str = "N(0,1)") -> Figure:
+    """Per dimension, the aggregate posterior q(z_j) = mean_i N(z_j; mu_ij, sigma_ij²) against the prior's p(z_j).
 
     Parameters
     ----------
     mu, sigma : ndarray of shape (n, d)
     dims : which dimensions to draw (default all)
+    prior : (weights (K,), means (K, d), stds (K, d)), optional
+        A mixture prior's components: p(z_j) = sum_k w_k N(z_j; m_kj, s_kj²). Default N(0, 1).
+    prior_name : the legend's name of the prior
     """
     d = mu.shape[1]
     dims = list(range(d)) if dims is None else list(dims)
+    w, m, sd = prior if prior is not None else (np.ones(1), np.zeros((1, d)), np.ones((1, d)))  # N(0, 1): one
     fig, panels = _panels(len(dims), w=3.0, h=2.4)
     for a, ax in enumerate(panels):
         j = dims[a]
-        lo = min(-4.0, float(np.min(mu[:, j] - 3 * sigma[:, j])))
-        hi = max(4.0, float(np.max(mu[:, j] + 3 * sigma[:, j])))
+        # the grid holds the posteriors' mu ± 3 sigma and the prior's mean ± 4 sd (N(0, 1): ±4)
+        lo = min(float(np.min(m[:, j] - 4 * sd[:, j])), float(np.min(mu[:, j] - 3 * sigma[:, j])))
+        hi = max(float(np.max(m[:, j] + 4 * sd[:, j])), float(np.max(mu[:, j] + 3 * sigma[:, j])))
         t = np.linspace(lo, hi, grid)
         # A mixture of n Gaussians on the grid, (grid, n) at a time; n is subsampled by callers.
         q = mixture_density(t, mu[:, j], sigma[:, j])
-        p = mixture_density(t, np.zeros(1), np.ones(1))
+        p = mixture_density(t, m[:, j], sd[:, j], w)
         ax.fill_between(t, q, color="tab:blue", alpha=0.35, lw=0)
         ax.plot(t, q, color="tab:blue", lw=1.2, label="aggregate q(z)")
-        ax.plot(t, p, color="0.3", ls="--", lw=1.0, label="prior N(0,1)")
+        ax.plot(t, p, color="0.3", ls="--", lw=1.0, label=f"prior {prior_name}")
         # Cap the height so one near-deterministic dimension does not flatten the prior curve.
-        ax.set_ylim(0, min(float(q.max()) * 1.1, 2.0) if q.max() > 0.45 else 0.48)
+        top = float(max(q.max(), p.max()))  # N(0, 1)'s 0.40 is under 0.45: as before for it
+        ax.set_ylim(0, min(top * 1.1, 2.0) if top > 0.45 else 0.48)
         between, within = float(mu[:, j].var()), float((sigma[:, j] ** 2).mean())
         ax.set_title(f"z{j}: Var mu {between:.2f} + E σ² {within:.2f}", fontsize=8.5)
         ax.tick_params(labelsize=7)
@@ -396,14 +463,16 @@ def aggregate_posterior_figure(mu: np.ndarray, sigma: np.ndarray, dims: Optional
     return fig
 
 
-def variance_split_figure(between: np.ndarray, within: np.ndarray) -> Figure:
+def variance_split_figure(between: np.ndarray, within: np.ndarray, prior_var: Optional[np.ndarray] = None) -> Figure:
     """Law of total variance per dimension: Var z_j = Var_x mu_j (between) + E_x sigma_j² (within).
 
-    The prior asks for a total of 1 in each dimension.
+    The prior N(0, I) asks for a total of 1 in each dimension; another prior for its own variances.
 
     Parameters
     ----------
     between, within : ndarray of shape (d,)
+    prior_var : ndarray of shape (d,), optional
+        The prior's marginal variances (a mixture prior), drawn as a mark per dimension.
     """
     d = len(between)
     x = np.arange(d)
@@ -411,8 +480,12 @@ def variance_split_figure(between: np.ndarray, within: np.ndarray) -> Figure:
     ax = axes[0, 0]
     ax.bar(x, between, color="tab:blue", label="between samples: Var mu")
     ax.bar(x, within, bottom=between, color="tab:orange", label="within a sample: E σ²")
-    ax.axhline(1.0, color="0.3", ls="--", lw=1, label="prior variance 1")
-    ax.set_ylim(0, 1.45 * max(1.0, float(np.max(between + within))))
+    if prior_var is None:
+        ax.axhline(1.0, color="0.3", ls="--", lw=1, label="prior variance 1")
+        ax.set_ylim(0, 1.45 * max(1.0, float(np.max(between + within))))
+    else:
+        ax.hlines(prior_var, x - 0.45, x + 0.45, color="0.3", ls="--", lw=1.2, label="prior variance")
+        ax.set_ylim(0, 1.45 * max(1.0, float(np.max(between + within)), float(np.max(prior_var))))
     ax.set_xticks(x)
     ax.set_xticklabels([f"z{j}" for j in range(d)], fontsize=8)
     ax.set_ylabel("variance")

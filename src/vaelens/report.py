@@ -13,11 +13,10 @@ binarization with the report's seed, exactly what ``vaelens evaluate --seed`` fe
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import html
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
@@ -31,11 +30,13 @@ from .data import Dataset
 from .errors import DataError, OutputError, VaelensError
 from .evaluate import ACTIVE_THRESHOLD, active_units
 from .gap import MIN_ESS, PARETO_K_MAX
-from .plots import (aggregate_posterior_figure, feature_reconstruction_figure, figure_png, heatmap_figure,
+from .latentview import family_text, prior_mixture, prior_name, prior_overlay
+from .plots import (aggregate_posterior_figure, feature_reconstruction_figure, heatmap_figure,
                     images_figure, interpolation_figure, latent_map_figure, point_cloud_figure,
                     reconstructions_figure, scatter_matrix_figure, training_curves_figure, traversal_figure,
                     true_posterior_figure, variance_split_figure)
 from .posterior import aggregate_posterior
+from .report_page import Page, flatten, table
 from .uniqueness import compare
 
 FIGURES = "figures"
@@ -54,14 +55,6 @@ EVAL_IW_SAMPLES = 50
 GAP_SAMPLES = 4
 GAP_K = 1000
 GAP_STEPS = 150
-
-
-@dataclass
-class Section:
-    id: str
-    title: str
-    body: List[str] = field(default_factory=list)  # HTML fragments
-    skipped: Optional[str] = None
 
 
 @dataclass
@@ -102,95 +95,6 @@ def figure_dir_for(out_path: Union[str, Path], run_dir: Union[str, Path]) -> Pat
     if out_path.resolve() == (run_dir / DEFAULT_NAME).resolve():
         return run_dir / FIGURES
     return out_path.with_name(out_path.stem + "_" + FIGURES)
-
-
-class _Page:
-    """Collects sections and figures; renders them to one HTML string."""
-
-    def __init__(self, fig_dir: Path):
-        self.fig_dir = fig_dir
-        self.sections: List[Section] = []
-        self.figures: Dict[str, Path] = {}
-
-    def section(self, id: str, title: str) -> Section:
-        s = Section(id, title)
-        self.sections.append(s)
-        return s
-
-    def figure(self, s: Section, name: str, fig, caption: str = "") -> None:
-        if name not in FIGURE_NAMES:  # a bug here: stale-file removal must know every name
-            raise ValueError(f"report figure {name!r} is not listed in FIGURE_NAMES")
-        path = self.fig_dir / f"{name}.png"
-        data = figure_png(fig)
-        io.atomic_write(path, data)
-        self.figures[name] = path
-        b64 = base64.b64encode(data).decode("ascii")
-        s.body.append(f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{b64}">'
-                      + (f"<figcaption>{html.escape(caption)}</figcaption>" if caption else "") + "</figure>")
-
-    def render(self, title: str, header: List[str]) -> str:
-        nav = " · ".join(f'<a href="#{s.id}">{html.escape(s.title)}</a>' for s in self.sections)
-        parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-                 f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-                 f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
-                 f"<h1>{html.escape(title)}</h1>", *header, f"<nav>{nav}</nav>"]
-        for s in self.sections:
-            parts.append(f'<section id="{s.id}"><h2>{html.escape(s.title)}</h2>')
-            if s.skipped:
-                parts.append(f'<p class="skipped">section skipped: {html.escape(s.skipped)}</p>')
-            parts.extend(s.body)
-            parts.append("</section>")
-        parts.append("<footer>written by vaelens; this file is self-contained (no network).</footer></body></html>\n")
-        return "\n".join(parts)
-
-
-_CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;max-width:1180px;margin:1.5em auto;
-padding:0 1em;color:#222;line-height:1.45}
-h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.8em}
-h3{font-size:1.05em;margin-bottom:.3em}
-nav{margin:1em 0;font-size:.95em}nav a{color:#2060a0;text-decoration:none}
-table{border-collapse:collapse;font-size:.88em;margin:.6em 0}
-td,th{border:1px solid #ddd;padding:.2em .6em;text-align:left}th{background:#f4f4f4}
-td.n{text-align:right;font-variant-numeric:tabular-nums}
-figure{margin:.8em 0}figure img{max-width:100%;height:auto;border:1px solid #eee}
-figcaption{font-size:.85em;color:#555}
-.note{background:#fff8e0;border-left:3px solid #e0b000;padding:.3em .7em;font-size:.9em}
-.skipped{color:#a03030;font-style:italic}.muted{color:#666;font-size:.9em}
-.flex{display:flex;flex-wrap:wrap;gap:1.2em;align-items:flex-start}
-footer{margin-top:3em;font-size:.8em;color:#888}
-"""
-
-
-def _table(rows: Sequence[Sequence], header: Optional[Sequence[str]] = None) -> str:
-    def cell(v, tag="td", first=False):
-        number = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
-        if isinstance(v, (float, np.floating)):
-            v = f"{v:.4g}"
-        cls = ' class="n"' if number and not first else ""
-        return f"<{tag}{cls}>{html.escape(str(v))}</{tag}>"
-
-    out = ["<table>"]
-    if header:
-        out.append("<tr>" + "".join(cell(h, "th", i == 0) for i, h in enumerate(header)) + "</tr>")
-    for r in rows:
-        out.append("<tr>" + "".join(cell(v, first=i == 0) for i, v in enumerate(r)) + "</tr>")
-    out.append("</table>")
-    return "".join(out)
-
-
-def _flatten(d, prefix=""):
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            yield from _flatten(v, key + ".")
-        elif isinstance(v, (list, tuple)):
-            if len(v) <= 12 and all(not isinstance(e, (dict, list)) for e in v):
-                yield key, ", ".join(f"{e:.3g}" if isinstance(e, float) else str(e) for e in v)
-            else:
-                yield key, f"[{len(v)} values]"
-        else:
-            yield key, v
 
 
 # --- entry point ------------------------------------------------------------------------------
@@ -250,18 +154,18 @@ def build_report(run_dir: Union[str, Path], data: Union[Dataset, np.ndarray, Non
                      "active_threshold": ACTIVE_THRESHOLD, "seed": seed, "binarized": vae.binarized_}
     if ds.y is not None:  # the legend's labels, as written in the file (5, 8, 11, 14 stay numbers)
         numbers["labels"] = ds.label_values if ds.label_values is not None else np.unique(ds.y).tolist()
-    page = _Page(fig_dir)
+    page = Page(fig_dir, FIGURE_NAMES)
     rng = np.random.default_rng(seed)
 
     _section_run(page, run_dir, vae, ds, evaluate, seed, numbers, say)
     if ds.image_shape is not None:
         _section_images(page, vae, ds, mu, activity, order, rng, seed, numbers, say)
     else:
-        _section_table(page, vae, ds, seed, say)
-    _section_latent_map(page, ds, mu, sigma, activity, order, dims, n_ellipses, rng, numbers, say)
+        _sectiontable(page, vae, ds, seed, say)
+    _section_latent_map(page, vae, ds, post, activity, order, dims, n_ellipses, rng, numbers, say)
     cloud_idx = _section_point_cloud(page, vae, ds, mu, order, n_cloud, cloud_samples, rng, seed, numbers, say)
     _section_true_posterior(page, vae, ds, order, cloud_idx[:GAP_SAMPLES], gap, seed, numbers, say)
-    _section_aggregate(page, mu, sigma, numbers, say)
+    _section_aggregate(page, vae, mu, sigma, numbers, say)
     _section_compare(page, run_dir, (mu, sigma), raw_X, compare_runs, seed, numbers, say)
     notes += _tidy_figures(fig_dir, page.figures, overwrite)
 
@@ -342,6 +246,8 @@ def _dataset(data, cfg) -> Dataset:
 def _section_run(page, run_dir, vae, ds, evaluate, seed, numbers, say):
     s = page.section("run", "The run")
     cfg = vae.config_
+    numbers.update(posterior=cfg.model.posterior, prior=cfg.model.prior, prior_components=cfg.model.components,
+                   prior_name=prior_name(cfg.model))
     history, summary = ck.read_metrics(run_dir), ck.read_summary(run_dir)
     m, t = cfg.model, cfg.train
     rows = [("data", f"{ds.name or '(array)'}: {ds.n} samples shown, {ds.p} features"
@@ -350,6 +256,7 @@ def _section_run(page, run_dir, vae, ds, evaluate, seed, numbers, say):
             ("model", f"{m.arch} {m.input_dim}-{'-'.join(map(str, m.hidden)) or '(linear)'}-{m.latent_dim}, "
                       f"likelihood {m.likelihood}{'/' + m.gaussian_scale if m.likelihood == 'gaussian' else ''}, "
                       f"activation {m.activation}"),
+            ("latent families", family_text(m)),
             ("training", f"{t.objective}{' K=%d' % t.iw_samples if t.objective == 'iwae' else ''}{' DReG' if t.dreg else ''}, "
                          f"{t.optimizer} "
                          f"lr {t.lr:g}, batch {t.batch_size}, epochs {t.epochs}, beta {t.beta:g}, seed {t.seed}"),
@@ -360,9 +267,9 @@ def _section_run(page, run_dir, vae, ds, evaluate, seed, numbers, say):
             rows.append(("result", f"{summary.get('epochs_run')} epochs, best epoch {summary.get('best_epoch')}: "
                                    f"{'validation' if key == 'best_val_loss' else 'training'} -ELBO "
                                    f"{summary[key]:.3f} nats"))
-    s.body.append(_table(rows))
+    s.body.append(table(rows))
     s.body.append("<details><summary>full configuration</summary>"
-                  + _table(list(_flatten(cfg.to_dict())), ("key", "value")) + "</details>")
+                  + table(list(flatten(cfg.to_dict())), ("key", "value")) + "</details>")
     s.body.append("<h3>Training curves</h3>")
     if history:
         page.figure(s, "training_curves", training_curves_figure(history),
@@ -383,7 +290,7 @@ def _section_run(page, run_dir, vae, ds, evaluate, seed, numbers, say):
     s.body.append(f'<p class="muted">on {n_eval} of the samples shown, IWAE with K = {EVAL_IW_SAMPLES}, '
                   f'densities in nats of {html.escape(res["space"])} '
                   f'(run <code>vaelens evaluate --seed {seed}</code> for the full figures)</p>')
-    s.body.append(_table(list(_flatten(res)), ("metric", "value")))
+    s.body.append(table(list(flatten(res)), ("metric", "value")))
 
 
 def _section_images(page, vae, ds, mu, activity, order, rng, seed, numbers, say):
@@ -396,19 +303,25 @@ def _section_images(page, vae, ds, mu, activity, order, rng, seed, numbers, say)
     page.figure(s, "reconstructions", reconstructions_figure(ds.X[idx], vae.decode(mu[idx]), shape),
                 f"{k} random samples (seed {seed}){', binarized' if numbers['binarized'] else ''}; "
                 f"reconstructions are decoder means, not draws")
-    page.figure(s, "prior_samples", images_figure(vae.generate(64, seed=seed), shape, "decoded z ~ N(0, I)", 8),
-                "decoder means of 64 draws from the prior")
+    pname = prior_name(vae.config_.model)
+    page.figure(s, "prior_samples", images_figure(vae.generate(64, seed=seed), shape, f"decoded z ~ {pname}", 8),
+                f"decoder means of 64 draws from the prior {pname}")
     s.body.append("</div>")
     threshold = numbers["active_threshold"]
     dims = [int(j) for j in order[:8] if activity[j] > threshold] or [int(order[0])]
     values = np.linspace(-3, 3, 9)
-    # Start from the prior mean so each row shows what one dimension alone controls.
-    z = np.zeros((len(dims), len(values), mu.shape[1]), dtype=np.float32)
+    # Start from the prior mean so each row shows what one dimension alone controls; steps in the
+    # prior's marginal stds (N(0, I): the values themselves).
+    p_mean, p_cov = vae.prior_moments()
+    p_sd = np.sqrt(np.diag(p_cov))
+    z = np.tile(p_mean.astype(np.float32), (len(dims), len(values), 1))
     for r, j in enumerate(dims):
-        z[r, :, j] = values
+        z[r, :, j] = p_mean[j] + values * p_sd[j]
     imgs = vae.decode(z.reshape(-1, mu.shape[1])).reshape(len(dims), len(values), -1)
+    moves = ("from -3 to 3, the others held at 0" if vae.config_.model.prior == "normal" else
+             f"from -3 to 3 marginal standard deviations of the prior {pname} around its mean, the others at its mean")
     page.figure(s, "traversals", traversal_figure(imgs, shape, dims, values),
-                f"each row moves one active latent dimension from -3 to 3, the others held at 0 "
+                f"each row moves one active latent dimension {moves} "
                 f"({len(dims)} of {int((activity > threshold).sum())} active dimensions shown)")
     a, b = _two_samples(ds, rng)
     w = np.linspace(0, 1, 10)[:, None]
@@ -428,7 +341,7 @@ def _two_samples(ds, rng):
     return a, b + (b >= a)
 
 
-def _section_table(page, vae, ds, seed, say):
+def _sectiontable(page, vae, ds, seed, say):
     say("feature plots")
     s = page.section("features", "Reconstructions and samples, feature by feature")
     names = ds.feature_names or [f"x{j}" for j in range(ds.p)]
@@ -445,11 +358,12 @@ def _section_table(page, vae, ds, seed, say):
     for i in range(min(ds.n, 5)):
         rows.append([f"{i} input"] + [float(ds.X[i, j]) for j in cols])
         rows.append([f"{i} recon."] + [float(rec[i, j]) for j in cols])
-    s.body.append("<h3>First samples and their reconstructions</h3>" + _table(rows, ["sample"] + [names[j] for j in cols]))
+    s.body.append("<h3>First samples and their reconstructions</h3>" + table(rows, ["sample"] + [names[j] for j in cols]))
 
 
-def _section_latent_map(page, ds, mu, sigma, activity, order, dims, n_ellipses, rng, numbers, say):
+def _section_latent_map(page, vae, ds, post, activity, order, dims, n_ellipses, rng, numbers, say):
     s = page.section("latent-map", "The latent map")
+    mu, sigma = post.mu, post.sigma                                          # (n, d)
     d = mu.shape[1]
     if dims is None:
         if d < 2:
@@ -461,11 +375,18 @@ def _section_latent_map(page, ds, mu, sigma, activity, order, dims, n_ellipses, 
     k = min(n_ellipses, ds.n)
     idx = np.sort(rng.choice(ds.n, k, replace=False))
     numbers["latent_map_dims"] = list(dims)
+    # full covariance: the ellipses of the 2x2 blocks of L L^T (n, d, d); a mixture prior: its density
+    cov = post.cov if post.scale_tril is not None else None
+    prior = prior_overlay(vae, dims, mu) if vae.config_.model.prior != "normal" else None
     page.figure(s, "latent_map", latent_map_figure(mu, sigma, dims, ds.y, idx, ds.label_names,
-                                                   note=f"{k} samples with ellipses"),
+                                                   note=f"{k} samples with ellipses", cov=cov, prior=prior),
                 f"every sample's posterior mean in z{dims[0]}, z{dims[1]} (activity Var mu "
                 f"{activity[dims[0]]:.3g} and {activity[dims[1]]:.3g})"
-                + ("; coloured by label" if ds.y is not None else ""))
+                + ("; coloured by label" if ds.y is not None else "")
+                + ("; ellipses from the full covariance of q(z|x)" if cov is not None else "")
+                + (f"; shaded: the prior {prior['name']}'s density of (z{dims[0]}, z{dims[1]}), the mixture of its "
+                   f"components' 2-d marginals, dashed where it encloses 39% and 86% of the prior's mass (as "
+                   f"a Gaussian's 1σ and 2σ ellipses)" if prior is not None else ""))
 
 
 def _section_point_cloud(page, vae, ds, mu, order, n_cloud, cloud_samples, rng, seed, numbers, say):
@@ -476,7 +397,9 @@ def _section_point_cloud(page, vae, ds, mu, order, n_cloud, cloud_samples, rng, 
     say("point clouds")
     chk = vae.check(ds.X, indices=idx, n_samples=cloud_samples, seed=seed, level=0.01)
     names = [f"sample {i}" + (f" (label {ds.label_of(i)})" if ds.y is not None else "") for i in idx]
-    page.figure(s, "point_cloud", point_cloud_figure(chk.z, chk.mu, chk.sigma, chk.emp_mean, chk.emp_std, dims, names),
+    cov = vae.encode(ds.X[idx], seed=seed).cov if vae.config_.model.posterior == "full" else None  # (k, d, d)
+    page.figure(s, "point_cloud", point_cloud_figure(chk.z, chk.mu, chk.sigma, chk.emp_mean, chk.emp_std, dims, names,
+                                                     cov=cov),
                 f"{chk.n_samples} reparameterized draws z = mu(x) + sigma(x)·eps for each of {len(idx)} samples "
                 f"in z{dims[0]}, z{dims[1]}: the encoder's ellipse against the draws' empirical mean and std")
     verdict = "passed" if chk.passed else "FAILED"
@@ -486,7 +409,7 @@ def _section_point_cloud(page, vae, ds, mu, order, n_cloud, cloud_samples, rng, 
                   f"variances (p = {chk.var_p:.3g})).</p>")
     rows = [[names[r], float(np.abs(chk.mean_z[r]).max()), float(chk.std_ratio[r].min()),
              float(chk.std_ratio[r].max())] for r in range(len(idx))]
-    s.body.append(_table(rows, ["sample", "max |mean - mu| / (σ/√S)", "min sd/σ", "max sd/σ"]))
+    s.body.append(table(rows, ["sample", "max |mean - mu| / (σ/√S)", "min sd/σ", "max sd/σ"]))
     s.body.append(f'<p class="muted">Under the claim the standardized mean errors are N(0, 1) and sd/σ lies '
                   f'within about 1 ± {3 / np.sqrt(2 * chk.n_samples):.2f}. Run <code>vaelens check</code> for more '
                   f'samples and draws.</p>')
@@ -511,8 +434,9 @@ def _section_true_posterior(page, vae, ds, order, idx, gap, seed, numbers, say):
     notes = [f"ESS {tp.ess[r]:.0f} of {GAP_K}, Pareto k {tp.pareto_k[r]:.2f}{'' if tp.reliable[r] else ' (!)'}\n"
              f"gap approx. {g.approximation_gap[r]:.2f}±{g.approximation_gap_se[r]:.2f}, "
              f"amort. {g.amortization_gap[r]:.2f}±{g.amortization_gap_se[r]:.2f}" for r in range(len(idx))]
+    cov = vae.encode(X, seed=seed).cov if vae.config_.model.posterior == "full" else None  # (k, d, d)
     page.figure(s, "true_posterior", true_posterior_figure(c.z, c.weights, c.mu, c.sigma, g.mu_opt, g.sigma_opt,
-                                                           tp.mean, dims, names, notes),
+                                                           tp.mean, dims, names, notes, cov=cov),
                 f"{GAP_K} draws from q* ({GAP_STEPS} Adam steps from the encoder) per sample in z{dims[0]}, "
                 f"z{dims[1]}, sized and shaded by their self-normalized importance weight p(x, z) / q*(z): "
                 f"the model's own posterior p(z|x). Red: the encoder's mu ± 1σ, 2σ; green: q*, the best "
@@ -521,7 +445,7 @@ def _section_true_posterior(page, vae, ds, order, idx, gap, seed, numbers, say):
     rows = [[names[r], float(tp.ess[r]), float(tp.pareto_k[r]), "yes" if tp.reliable[r] else "no",
              float(tp.distance[r].max()), float(tp.std_ratio[r].min()), float(tp.std_ratio[r].max()),
              float(g.approximation_gap[r]), float(g.amortization_gap[r])] for r in range(len(idx))]
-    s.body.append(_table(rows, ["sample", "ESS", "Pareto k", "reliable", "max |mu - E_p| / Std_p",
+    s.body.append(table(rows, ["sample", "ESS", "Pareto k", "reliable", "max |mu - E_p| / Std_p",
                                 "min σ / Std_p", "max σ / Std_p", "approx. gap (nats)", "amort. gap (nats)"]))
     s.body.append('<p class="muted">The gaps (Cremer et al. 2018): log p(x) - L[q*] (no diagonal Gaussian is '
                   'p(z|x)) and L[q*] - L[q] (one encoder for every x). Run <code>vaelens gap</code> for more '
@@ -533,10 +457,13 @@ def _section_true_posterior(page, vae, ds, order, idx, gap, seed, numbers, say):
                                  "approximation_gap": g.approximation_gap, "amortization_gap": g.amortization_gap}
 
 
-def _section_aggregate(page, mu, sigma, numbers, say):
+def _section_aggregate(page, vae, mu, sigma, numbers, say):
     s = page.section("aggregate", "The aggregate posterior against the prior")
     say("aggregate posterior")
     agg = aggregate_posterior(mu, sigma)
+    numbers["aggregate"] = agg.to_dict()
+    if vae.config_.model.prior != "normal":
+        return _aggregate_against_mixture(s, page, vae, mu, sigma, agg, numbers)
     page.figure(s, "variance_split", variance_split_figure(agg.between, agg.within),
                 "Var z_j = Var_x mu_j(x) (what tells samples apart) + E_x sigma_j(x)² (each sample's own "
                 "uncertainty); the prior asks for 1")
@@ -545,11 +472,38 @@ def _section_aggregate(page, mu, sigma, numbers, say):
     rows = [[f"z{j}", float(agg.mean[j]), float(agg.between[j]), float(agg.within[j]), float(agg.total[j]),
              float(agg.share_between[j]), float(agg.kl_dim[j]), "yes" if agg.active[j] else "no"]
             for j in range(len(agg.mean))]
-    s.body.append(_table(rows, ["dim", "mean", "between (Var mu)", "within (E σ²)", "total", "share between",
+    s.body.append(table(rows, ["dim", "mean", "between (Var mu)", "within (E σ²)", "total", "share between",
                                 "KL moment-matched", "active"]))
     s.body.append(f'<p class="muted">KL(N(mean, cov) || N(0, I)) = {agg.kl_moment_matched:.4g} nats, a lower bound on '
                   f'KL(q(z) || p(z)); the ELBO\'s KL term averaged over the samples is {agg.mean_kl:.4g} nats.</p>')
-    numbers["aggregate"] = agg.to_dict()
+
+
+def _aggregate_against_mixture(s, page, vae, mu, sigma, agg, numbers):
+    """The aggregate posterior's moments and marginals against a mixture prior's (MoG, VampPrior).
+
+    The N(0, I) figures of `aggregate_posterior` (its moment-matched KL, the ELBO's KL against N(0, I))
+    do not apply, so they are not shown; the prior's mean and marginal variance are.
+    """
+    name = prior_name(vae.config_.model)
+    p_mean, p_cov = vae.prior_moments()
+    p_var = np.diag(p_cov)
+    w, m, C = prior_mixture(vae)                                             # (K,), (K, d), (K, d, d)
+    comps = (w, m, np.sqrt(np.diagonal(C, axis1=1, axis2=2)))                # each component's marginal stds (K, d)
+    page.figure(s, "variance_split", variance_split_figure(agg.between, agg.within, prior_var=p_var),
+                f"Var z_j = Var_x mu_j(x) (what tells samples apart) + E_x sigma_j(x)² (each sample's own "
+                f"uncertainty); dashed: the prior {name}'s marginal variance")
+    page.figure(s, "aggregate_posterior", aggregate_posterior_figure(mu, sigma, prior=comps, prior_name=name),
+                f"the mixture of every sample's N(mu, sigma²) against the prior {name}'s marginal p(z_j) (the "
+                f"mixture of its components' marginals), per dimension")
+    rows = [[f"z{j}", float(agg.mean[j]), float(p_mean[j]), float(agg.between[j]), float(agg.within[j]),
+             float(agg.total[j]), float(p_var[j]), float(agg.share_between[j]), "yes" if agg.active[j] else "no"]
+            for j in range(len(agg.mean))]
+    s.body.append(table(rows, ["dim", "mean", "prior mean", "between (Var mu)", "within (E σ²)", "total",
+                                "prior variance", "share between", "active"]))
+    s.body.append(f'<p class="muted">The prior is {html.escape(name)}: the aggregate posterior q(z) should match its '
+                  f'moments (VAE.prior_moments) and marginals. Run <code>vaelens posterior</code> for '
+                  f'KL(q(z) || p(z)).</p>')
+    numbers["aggregate"].update(prior_mean=p_mean, prior_var=p_var)
 
 
 def _section_compare(page, run_dir, posterior, raw_X, compare_runs, seed, numbers, say):
@@ -586,7 +540,7 @@ def _section_compare(page, run_dir, posterior, raw_X, compare_runs, seed, number
                                                          cbar_label="|corr|"),
                     "one row per pair of runs; blank cells: fewer active dimensions in that pair")
     rows = [[n, c.mcc_pearson, c.mcc_spearman, c.cka, min(c.r2_ab, c.r2_ba), c.verdict()] for n, c in pairs]
-    s.body.append(_table(rows, ["runs", "MCC (Pearson)", "MCC (Spearman)", "linear CKA", "linear R² (min)",
+    s.body.append(table(rows, ["runs", "MCC (Pearson)", "MCC (Spearman)", "linear CKA", "linear R² (min)",
                                 "verdict"]))
     numbers["compare"] = {"runs": [str(r) for r in runs], "mcc": mcc,
                           "pairs": {n: c.to_dict() for n, c in pairs}}

@@ -14,11 +14,13 @@ JSON API (every error is a 4xx with ``{"error": "<one line>"}``)::
 
     GET  /api/info              model and data description
     GET  /api/map               mu, sigma and label of every sample (a seeded subsample of large sets)
-    GET  /api/sample/{index}    one sample: input, reconstruction, mu, sigma
-    POST /api/draw              {"index", "n", "offset", "seed"}: n reparameterized z, running mean/std
+    GET  /api/map_cov?x=i&y=j   the map's samples' 2x2 covariance blocks for dims (i, j) (full covariance)
+    GET  /api/prior?x=i&y=j     the prior's 2-d marginal density over dims (i, j) on a grid, with contour levels
+    GET  /api/sample/{index}    one sample: input, reconstruction, mu, sigma (and cov for a full run)
+    POST /api/draw              {"index", "n", "offset", "seed"}: n reparameterized z, running mean/std (/cov)
     POST /api/decode            {"z": [d numbers]}: the decoder's mean for z, in data units
     POST /api/true_posterior    {"index", "k", "seed"}: p(z|x)'s importance-weighted draws beside q and q*
-    GET  /api/aggregate         per dimension: aggregate posterior vs prior N(0, 1)
+    GET  /api/aggregate         per dimension: aggregate posterior vs the prior's marginal
 """
 
 import functools
@@ -33,6 +35,7 @@ from .api import VAE
 from .data import Dataset
 from .errors import DataError, VaelensError
 from .evaluate import active_units
+from .latentview import blocks, prior_density_1d, prior_marginal_moments, prior_name, prior_overlay
 from .posterior import aggregate_posterior
 from .webguard import Guard
 
@@ -48,6 +51,9 @@ Z_LIMIT = 1e4
 # Points of the density grid for the aggregate-posterior plot, and samples in the mixture.
 DENSITY_GRID = 121
 DENSITY_SAMPLES = 2000
+# The prior's 2-d density over the shown pair (mixture priors): a grid fine enough for smooth contours
+# at a screen's size, small enough for a ~100 kB answer.
+PRIOR_GRID = 101
 # The true-posterior panel: k importance draws from q* after CLOUD_STEPS Adam steps, for one sample.
 # Bounded so that one request is well under a second on CPU for the models vaelens trains.
 MAX_CLOUD_K = 2000
@@ -119,11 +125,14 @@ class Explorer:
         self.X = vae.binarize_input(dataset.X, seed)                            # (n, p), data units
         post = vae.encode(self.X)
         self.mu, self.sigma = post.mu, post.sigma                               # (n, d) each
+        self.full = post.scale_tril is not None
         n = dataset.n
         if n > max_points:
             self.map_index = np.sort(np.random.default_rng(seed).choice(n, max_points, replace=False))
         else:
             self.map_index = np.arange(n)
+        # a full run's Cholesky factors of the mapped samples only (m, d, d): all n could be gigabytes
+        self.map_tril = post.scale_tril[self.map_index] if self.full else None
         self.value_range = (float(np.min(dataset.X)), float(np.max(dataset.X)))
         # Tables scale each feature's bar by its own range; images share one grey scale.
         self.feature_range = (dataset.X.min(0), dataset.X.max(0))                # (p,) each
@@ -152,6 +161,18 @@ class Explorer:
             raise ApiError(f"z: coordinates must lie within ±{Z_LIMIT:g}")
         return z
 
+    def check_pair(self, x: int, y: int) -> tuple:
+        for name, j in (("x", x), ("y", y)):
+            if isinstance(j, bool) or not isinstance(j, (int, np.integer)) or not 0 <= j < self.d:
+                raise ApiError(f"{name} must be a latent dimension in 0..{self.d - 1}, got {j!r}")
+        if x == y:
+            raise ApiError(f"x and y must be two different latent dimensions, got {x} twice")
+        return int(x), int(y)
+
+    def _cov(self, index: int) -> Optional[list]:
+        """Sample `index`'s full covariance L L^T (d, d) for a full run, else None (it is diag(sigma^2))."""
+        return _js(self.vae.encode(self.X[index:index + 1]).cov[0]) if self.full else None
+
     # --- answers -------------------------------------------------------------------------
     def info(self) -> dict:
         cfg, ds = self.vae.config_, self.dataset
@@ -171,6 +192,10 @@ class Explorer:
             "latent_dim": self.d,
             "initial_dims": self.initial_dims,
             "likelihood": cfg.model.likelihood,
+            "posterior": cfg.model.posterior,
+            "prior": cfg.model.prior,
+            "prior_components": cfg.model.components,
+            "prior_name": prior_name(cfg.model),
             "binarized": self.vae.binarized_,
             "arch": cfg.model.arch,
             "hidden": list(cfg.model.hidden),
@@ -193,6 +218,29 @@ class Explorer:
             "label": None if y is None else [int(v) for v in y[idx]],
         }
 
+    @functools.lru_cache(maxsize=64)
+    def map_cov(self, x: int, y: int) -> dict:
+        """The map's samples' 2x2 covariance blocks for dims (x, y) as rows [var_x, cov_xy, var_y] (m, 3):
+        from L L^T for a full run, (sigma_x^2, 0, sigma_y^2) for a diagonal one."""
+        x, y = self.check_pair(x, y)
+        if self.full:
+            B = blocks(self.map_tril @ np.swapaxes(self.map_tril, -1, -2), (x, y))  # (m, 2, 2)
+            rows = np.stack([B[:, 0, 0], B[:, 0, 1], B[:, 1, 1]], 1)
+        else:
+            s = self.sigma[self.map_index].astype(np.float64)
+            rows = np.stack([s[:, x] ** 2, np.zeros(len(s)), s[:, y] ** 2], 1)
+        return {"x": x, "y": y, "cov": _js(rows)}
+
+    @functools.lru_cache(maxsize=64)
+    def prior(self, x: int, y: int) -> dict:
+        """The prior's marginal density p(z_x, z_y) on a grid u (G,) x v (G,) (rows: v), and the densities
+        whose contours enclose 39% and 86% of its mass (a Gaussian's 1- and 2-sigma ellipses)."""
+        x, y = self.check_pair(x, y)
+        o = prior_overlay(self.vae, (x, y), self.mu[self.map_index], grid=PRIOR_GRID)
+        return {"x": x, "y": y, "name": o["name"], "u": _js(o["u"]), "v": _js(o["v"]),
+                "density": np.asarray(o["density"]).round(8).tolist(),  # small densities must not round to 0
+                "levels": [float(v) for v in o["levels"]], "masses": [0.393, 0.865]}
+
     def sample(self, index: int) -> dict:
         """One sample: input x (p,), reconstruction at z = mu (p,), mu and sigma (d,)."""
         i = self.check_index(index)
@@ -205,6 +253,7 @@ class Explorer:
             "reconstruction": _js(recon),
             "mu": _js(self.mu[i]),
             "sigma": _js(self.sigma[i]),
+            "cov": self._cov(i),
         }
 
     def draw(self, index: int, n: int, offset: int = 0, seed: int = 0) -> dict:
@@ -228,6 +277,8 @@ class Explorer:
             "z": _js(z[offset:offset + n]),
             "mean": _js(seen.mean(0)),
             "std": _js(seen.std(0)),
+            # a full run's draws are correlated: their running covariance (d, d), ddof=0 as std
+            "cov": _js(np.cov(seen, rowvar=False, ddof=0).reshape(self.d, self.d)) if self.full else None,
         }
 
     @functools.lru_cache(maxsize=16)
@@ -256,6 +307,7 @@ class Explorer:
             "pareto_k": None if np.isnan(tp.pareto_k[0]) else float(tp.pareto_k[0]),
             "reliable": bool(tp.reliable[0]),
             "mu": _js(c.mu[0]), "sigma": _js(c.sigma[0]), "mu_opt": _js(c.loc[0]), "sigma_opt": _js(c.scale[0]),
+            "cov": self._cov(i),  # the encoder's full covariance (d, d) for a full run
         }
 
     def decode(self, z) -> dict:
@@ -270,15 +322,22 @@ class Explorer:
         return self._aggregate
 
     def _compute_aggregate(self, seed: int) -> dict:
-        """Per dimension: q(z_j) = mean_i N(mu_ij, sigma_ij^2) against the prior N(0, 1).
+        """Per dimension: q(z_j) = mean_i N(mu_ij, sigma_ij^2) against the prior's marginal p(z_j).
 
         Its variance splits into between = Var_i mu_ij (what the code carries about x) and
-        within = E_i sigma_ij^2 (the noise the encoder adds); the prior asks for a total of 1.
+        within = E_i sigma_ij^2 (the noise the encoder adds); N(0, I) asks for a total of 1, a
+        mixture prior for its own marginal variance (`prior_var`).
         """
         mu, sigma = self.mu.astype(np.float64), self.sigma.astype(np.float64)
         agg = aggregate_posterior(mu, sigma)
         prior = Normal(torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
-        kl = kl_divergence(Normal(torch.as_tensor(mu), torch.as_tensor(sigma)), prior).mean(0).numpy()  # (d,)
+        mixture = self.vae.config_.model.prior != "normal"
+        if mixture:
+            # KL(q(z_j|x) || p(z_j)) of the marginals has no closed form against a mixture: the ELBO's
+            # own per-dimension view (`VAE.elbo_terms`, Monte Carlo with its seeded draw), averaged
+            kl = self.vae.elbo_terms(self.X, seed=seed)["kl_dim"].mean(0)     # (d,)
+        else:
+            kl = kl_divergence(Normal(torch.as_tensor(mu), torch.as_tensor(sigma)), prior).mean(0).numpy()  # (d,)
         # The mixture density on a grid, from a seeded subsample: 2000 components draw the
         # curve to well within a line's width.
         rows = np.arange(len(mu))
@@ -286,12 +345,18 @@ class Explorer:
             rows = np.random.default_rng(seed).choice(len(mu), DENSITY_SAMPLES, replace=False)
         lo = np.minimum(-4.0, np.quantile(mu - 3 * sigma, 0.005, axis=0))      # (d,)
         hi = np.maximum(4.0, np.quantile(mu + 3 * sigma, 0.995, axis=0))
+        if mixture:  # and the prior's own mass
+            p_mean, p_sd = prior_marginal_moments(self.vae)
+            lo, hi = np.minimum(lo, p_mean - 4 * p_sd), np.maximum(hi, p_mean + 4 * p_sd)
         grid = torch.as_tensor(np.linspace(lo, hi, DENSITY_GRID))              # (G, d)
         components = Normal(torch.as_tensor(mu[rows]), torch.as_tensor(sigma[rows]))  # batch (m, d)
         dens = torch.stack([components.log_prob(g).exp().mean(0) for g in grid])  # (G, d), one grid row at a time
-        prior_dens = prior.log_prob(grid).exp()                                 # (G, d)
-        grid, dens, prior_dens = grid.numpy(), dens.numpy(), prior_dens.numpy()
+        grid, dens = grid.numpy(), dens.numpy()
+        # the prior's marginal p(z_j): N(0, 1), or the mixture of a mixture prior's components' marginals
+        prior_dens = prior_density_1d(self.vae, grid) if mixture else prior.log_prob(torch.as_tensor(grid)).exp().numpy()
         return {
+            "prior_name": prior_name(self.vae.config_.model),
+            "prior_var": _js(np.diag(self.vae.prior_moments()[1])),
             "mean": _js(agg.mean),
             "between": _js(agg.between),
             "within": _js(agg.within),
@@ -438,6 +503,16 @@ def _add_api(app, explorer: Explorer) -> None:
     @app.get("/api/aggregate")
     def aggregate():
         return cached("aggregate")
+
+    # computed once per pair of dimensions (the Explorer caches them); a 2-d mixture density is
+    # a few ms, so the first answer for a pair is quick too
+    @app.get("/api/map_cov")
+    def map_cov(x: int, y: int):
+        return JSONResponse(explorer.map_cov(x, y))
+
+    @app.get("/api/prior")
+    def prior(x: int, y: int):
+        return JSONResponse(explorer.prior(x, y))
 
     @app.get("/api/sample/{index}")
     def sample(index: int):

@@ -2,36 +2,35 @@
 
 * Within one model they are functions of x: `batch_invariance` checks that the same x gets the
   same mu, sigma whatever else is in the batch.
-* Across equally good models they are not: the prior N(0, I) and the ELBO are unchanged by a
-  signed permutation of the latent axes (`signed_permutation`), so mu, sigma are at best unique
-  up to one. A rotation also leaves the prior unchanged, but a diagonal posterior cannot follow
-  it, so it costs ELBO (`rotate`, `symmetry_report`; Rolinek et al. 2019).
+* Across equally good models they are not: the ELBO is unchanged by every orthogonal map of the
+  latent space that maps the posterior family and the prior to themselves. `symmetry_report`
+  (in `symmetries`) measures which maps are free for a trained model: signed permutations for a
+  diagonal posterior (Rolinek et al. 2019), every orthogonal map for a full-covariance posterior
+  with the N(0, I) or the VampPrior. `signed_permutation` and `rotate` edit a copy's weights.
 * Across retrainings, `compare` measures how far two models' latents agree: matched
-  correlations (MCC), linear CKA and linear-map R^2, with collapsed latents kept apart.
+  correlations (MCC), linear CKA, linear-map R^2 and an orthogonal-Procrustes-aligned MCC, with
+  collapsed latents kept apart; `expected_agreement` says which of them the models' symmetry
+  group makes meaningful.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from scipy import stats
+from scipy.linalg import orthogonal_procrustes
 from scipy.optimize import linear_sum_assignment
-
 
 from .errors import ConfigError, DataError
 from .evaluate import to_tensor
 from .io import jsonable
-from .model import diagonal_normal
+from .latentmaps import check_orthogonal, plane_rotation  # noqa: F401  (plane_rotation re-exported: tests use it)
 from .posterior import active_mask, warn_batch_dependent
-
-# Per-sample relative ELBO change allowed under a signed permutation: the map is exact, and the
-# comparison runs in float64, so only rounding remains.
-PERMUTATION_RTOL = 1e-4
+from .symmetries import PERMUTATION_RTOL, MapCost, SymmetryReport, symmetry_report  # noqa: F401  (re-exported)
 
 
 # --- uniqueness within one model ------------------------------------------------------------
@@ -101,15 +100,21 @@ def _linear_heads(module):
     first = module.decoder.first
     if not all(isinstance(m, torch.nn.Linear) for m in (enc.mu_head, enc.sigma_head, first)):
         raise ConfigError("latent symmetries need linear encoder heads and a linear first decoder layer")
+    if module.cfg.posterior != "diagonal":
+        # the Cholesky factor of a permuted covariance is not the permuted factor: no edit of the
+        # heads gives it, so the map is applied to the distributions instead
+        raise ConfigError("editing the heads needs --posterior diagonal; for a full-covariance model use "
+                          "vaelens.latentmaps.MappedVAE (what symmetry_report does)")
     return enc.mu_head, enc.sigma_head, first
 
 
 def signed_permutation(module, perm: Sequence[int], signs: Sequence[float]):
-    """A copy of `module` whose latent j is signs[j] * (old latent perm[j]).
+    """A copy of a diagonal-posterior `module` whose latent j is signs[j] * (old latent perm[j]).
 
     mu_head rows are permuted and signed, sigma_head rows permuted (a std has no sign), and the
-    decoder's first layer gets the matching columns, so the decoder sees the same input. The
-    prior N(0, I) is invariant, hence the ELBO of every sample is unchanged.
+    decoder's first layer gets the matching columns, so the decoder sees the same input. A MoG
+    prior's means are permuted and signed and its scales permuted; N(0, I) is invariant and the
+    VampPrior follows the encoder. Hence the ELBO of every sample is unchanged.
     """
     d = module.latent_dim
     perm = np.asarray(perm, dtype=np.int64)
@@ -126,20 +131,21 @@ def signed_permutation(module, perm: Sequence[int], signs: Sequence[float]):
         sigma_head.weight.copy_(sigma_head.weight[p])
         sigma_head.bias.copy_(sigma_head.bias[p])
         first.weight.copy_(first.weight[:, p] * s[None, :])
+        if new.cfg.prior == "mog":
+            new.prior_means.copy_(new.prior_means[:, p] * s)                 # (K, d)
+            new.prior_raw_scales.copy_(new.prior_raw_scales[:, p])
     return new.eval()
 
 
 def rotate(module, R: np.ndarray):
-    """A copy of `module` whose posterior mean is R mu(x) and whose decoder reads R^T z.
+    """A copy of a diagonal-posterior `module` whose posterior mean is R mu(x) and whose decoder reads R^T z.
 
-    The sigma head is left as it is: the posterior stays diagonal in the new axes, which is
-    exactly what a diagonal-Gaussian VAE can express. The mean path and the decoder are
-    equivalent to the original; the posterior's shape is not, so the ELBO changes.
+    The sigma head is left as it is: the posterior stays diagonal in the new axes with the old
+    sigmas. The mean path and the decoder are equivalent to the original; the posterior's shape is
+    not. (`latentmaps.MappedVAE` maps the whole model, sigma moment-matched and prior included.)
     """
     d = module.latent_dim
-    R = np.asarray(R, dtype=np.float64)
-    if R.shape != (d, d) or not np.allclose(R @ R.T, np.eye(d), atol=1e-6):
-        raise ConfigError(f"R must be an orthogonal {d}x{d} matrix")
+    R = check_orthogonal(R, d)
     new = copy.deepcopy(module)
     mu_head, _, first = _linear_heads(new)
     Rt = torch.as_tensor(R, dtype=mu_head.weight.dtype)
@@ -148,152 +154,6 @@ def rotate(module, R: np.ndarray):
         mu_head.bias.copy_(Rt @ mu_head.bias)
         first.weight.copy_(first.weight @ Rt.T)
     return new.eval()
-
-
-def plane_rotation(d: int, i: int, j: int, angle: float = math.pi / 4) -> np.ndarray:
-    """The rotation of R^d by `angle` in the plane of axes i and j (a Givens rotation).
-
-    45 degrees is as far as a rotation in one plane gets from every signed permutation, so it
-    shows the largest cost a diagonal posterior pays; a Haar-random rotation can land close to
-    a signed permutation and cost almost nothing.
-    """
-    R = np.eye(d)
-    c, s = math.cos(angle), math.sin(angle)
-    R[i, i], R[j, j], R[i, j], R[j, i] = c, c, -s, s
-    return R
-
-
-def elbo_with_noise(module, x: torch.Tensor, eps: torch.Tensor, sigma: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Per-sample ELBO with given standard-normal noise eps (S, n, d), shape (n,).
-
-    `VAEModule.terms` draws its own noise; fixing it here lets two models that should agree be
-    compared on the same z (mapped through the symmetry), so the difference is exact, not Monte Carlo.
-    `sigma` (n, d) replaces the encoder's scales.
-    """
-    qz = module.inference(x)                                                 # batch (n, d)
-    if sigma is not None:
-        qz = diagonal_normal(qz.mean, sigma)
-    return module.draw(x, eps, qz=qz).terms.elbo
-
-
-@dataclass(frozen=True)
-class SymmetryReport:
-    """ELBO under a random signed permutation and under 45-degree rotations of the latent space.
-
-    Attributes
-    ----------
-    perm, signs : ndarray of shape (d,)
-    elbo : ndarray of shape (n,)
-        Per-sample ELBO of the original model (float64, fixed noise).
-    elbo_perm : ndarray of shape (n,)
-    perm_max_rel_diff : float
-        max |elbo_perm - elbo| / |elbo|.
-    mu_max_change : float
-        max |mu_perm - mu|: mu itself does change.
-    mu_map_error : float
-        max |mu_perm - signs * mu[:, perm]|: and it changes exactly as the symmetry says.
-    perm_invariant : bool
-        perm_max_rel_diff <= 1e-4.
-    rotation_planes : ndarray of shape (r, 2)
-        The pair of latents each rotation turns by 45 degrees (distinct pairs of active latents, at random).
-    rotation_drop : ndarray of shape (r,)
-        Mean ELBO lost per sample (nats) for each rotation, sigma head kept.
-    rotation_drop_se : ndarray of shape (r,)
-        Its standard error over samples (same noise for both models, so the difference is paired).
-    rotation_drop_matched : ndarray of shape (r,)
-        The loss when each rotated posterior gets the moment-matched diagonal
-        sigma'_j^2 = sum_k R_jk^2 sigma_k^2 instead: the best a diagonal posterior can do by
-        matching marginal variances.
-    rotation_significant : bool
-        Every rotation's drop exceeds 3 standard errors (two-sided 0.3% each, paired over samples).
-    """
-
-    perm: np.ndarray
-    signs: np.ndarray
-    elbo: np.ndarray
-    elbo_perm: np.ndarray
-    perm_max_rel_diff: float
-    mu_max_change: float
-    mu_map_error: float
-    perm_invariant: bool
-    rotation_planes: np.ndarray
-    rotation_drop: np.ndarray
-    rotation_drop_se: np.ndarray
-    rotation_drop_matched: np.ndarray
-    rotation_significant: bool
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["elbo_mean"] = float(self.elbo.mean())
-        d["elbo_perm_mean"] = float(self.elbo_perm.mean())
-        d.pop("elbo")
-        d.pop("elbo_perm")
-        return jsonable(d)
-
-
-def symmetry_report(module, X, seed: int = 0, n_samples: int = 16, n_rotations: int = 3,
-                    max_rows: int = 2000) -> SymmetryReport:
-    """Apply a random signed permutation and 45-degree plane rotations to a trained model; compare ELBOs.
-
-    Everything runs in float64 on copies of the model with the same standard-normal noise,
-    mapped through each symmetry, so the permutation's ELBO difference is rounding only.
-
-    Parameters
-    ----------
-    module : VAEModule
-    X : array or tensor of shape (n, p), transformed as the model expects
-    seed : int
-    n_samples : int
-        Draws of z per sample for the reconstruction term.
-    n_rotations : int
-    max_rows : int
-        Use at most this many rows of X (the first ones).
-    """
-    base = copy.deepcopy(module).double().eval()
-    x = to_tensor(module, X)[:max_rows].double()
-    n, d = len(x), module.latent_dim
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(d)
-    signs = rng.choice([-1.0, 1.0], size=d)
-    if (perm == np.arange(d)).all() and (signs > 0).all():
-        signs[rng.integers(d)] = -1.0  # the identity would test nothing
-    g = torch.Generator().manual_seed(seed)
-    eps = torch.randn((n_samples, n, d), generator=g, dtype=torch.float64).to(x.device)   # (S, n, d)
-    pm = signed_permutation(base, perm, signs)
-    tp = torch.as_tensor(perm, device=x.device)
-    ts = torch.as_tensor(signs, device=x.device)
-    with torch.inference_mode():
-        elbo = elbo_with_noise(base, x, eps)                                 # (n,)
-        elbo_p = elbo_with_noise(pm, x, ts * eps[..., tp])                   # same z, mapped: z' = signs * z[perm]
-        q0, qp = base.inference(x), pm.inference(x)
-        mu_change = float((qp.mean - q0.mean).abs().max())
-        mu_map = float((qp.mean - ts * q0.mean[:, tp]).abs().max())
-        drops, ses, matched, planes = [], [], [], []
-        # planes of active latents first: rotating two collapsed latents (mu = 0, sigma = 1, unread by
-        # the decoder) changes nothing, which says nothing about the code
-        act = np.flatnonzero(active_mask(q0.mean.cpu().numpy()))
-        pool = act if len(act) >= 2 else np.arange(d)
-        pairs = [(int(a), int(b)) for k, a in enumerate(pool) for b in pool[k + 1:]]
-        for r in rng.permutation(len(pairs))[:n_rotations]:
-            i, j = pairs[r]
-            planes.append((i, j))
-            R = plane_rotation(d, i, j)
-            rm = rotate(base, R)
-            Rt = torch.as_tensor(R, device=x.device)
-            diff = elbo - elbo_with_noise(rm, x, eps)                        # (n,)
-            sig_mm = torch.sqrt((q0.stddev ** 2) @ (Rt ** 2).T)                # (n, d)
-            diff_mm = elbo - elbo_with_noise(rm, x, eps, sigma=sig_mm)
-            drops.append(float(diff.mean()))
-            ses.append(float(diff.std() / math.sqrt(n)) if n > 1 else 0.0)
-            matched.append(float(diff_mm.mean()))
-    elbo_np, elbo_p_np = elbo.cpu().numpy(), elbo_p.cpu().numpy()
-    rel = float((np.abs(elbo_p_np - elbo_np) / np.maximum(np.abs(elbo_np), 1e-12)).max())
-    drops, ses = np.asarray(drops), np.asarray(ses)
-    return SymmetryReport(perm=perm, signs=signs, elbo=elbo_np, elbo_perm=elbo_p_np, perm_max_rel_diff=rel,
-                          rotation_planes=np.asarray(planes, dtype=np.int64).reshape(-1, 2),
-                          mu_max_change=mu_change, mu_map_error=mu_map, perm_invariant=bool(rel <= PERMUTATION_RTOL),
-                          rotation_drop=drops, rotation_drop_se=ses, rotation_drop_matched=np.asarray(matched),
-                          rotation_significant=bool(n_rotations > 0 and np.all(drops > 3 * ses)))
 
 
 # --- across retrainings ---------------------------------------------------------------------
@@ -311,6 +171,13 @@ class Comparison:
         Linear CKA of the active latents' means (Kornblith et al. 2019), all samples.
     r2_ab, r2_ba : float
         Held-out R^2 of the best affine map from a's active means to b's, and back.
+    procrustes_mcc : float
+        Mean |correlation| between b's active latents and a's active means turned by the orthogonal
+        map that best fits b on the matching half (orthogonal Procrustes), scored on the other half:
+        the agreement to read when the models are invariant under rotations, where the axes
+        themselves carry no meaning.
+    procrustes_corr : ndarray of shape (m_b,)
+        Those held-out correlations, one per active latent of b.
     pairs : ndarray of shape (m, 2)
         Matched (latent of a, latent of b), Pearson matching.
     corr, spearman : ndarray of shape (m,)
@@ -331,6 +198,8 @@ class Comparison:
     cka: float
     r2_ab: float
     r2_ba: float
+    procrustes_mcc: float
+    procrustes_corr: np.ndarray
     pairs: np.ndarray
     corr: np.ndarray
     spearman: np.ndarray
@@ -391,6 +260,53 @@ def linear_cka(a: np.ndarray, b: np.ndarray) -> float:
     return float(num / den) if den > 0 else 0.0
 
 
+def procrustes_corr(fit_a, fit_b, test_a, test_b) -> np.ndarray:
+    """Held-out correlations (m_b,) of b's columns with a's turned by the orthogonal Procrustes map fitted on the fit rows.
+
+    a and b are centred by their fit-half means; when their widths differ the narrower is padded
+    with zero columns (an orthogonal map needs square shapes), and only b's real columns are scored.
+    """
+    m = max(fit_a.shape[1], fit_b.shape[1])
+
+    def prep(v, mean):
+        v = v - mean
+        return np.hstack([v, np.zeros((len(v), m - v.shape[1]))])
+
+    ma, mb = fit_a.mean(0), fit_b.mean(0)
+    R, _ = orthogonal_procrustes(prep(fit_a, ma), prep(fit_b, mb))          # argmin ||A R - B||, R^T R = I
+    turned = prep(test_a, ma) @ R                                            # (n_test, m)
+    k = test_b.shape[1]
+    return np.diag(_corr(turned[:, :k], test_b))
+
+
+def expected_agreement(posterior_a: str, prior_a: str, posterior_b: Optional[str] = None,
+                       prior_b: Optional[str] = None) -> dict:
+    """What agreement across retrainings the models' symmetry group allows, from their configs.
+
+    Returns {"group", "measure", "line"}: measure "mcc" (axis by axis after signed-permutation
+    matching) when the group is the signed permutations, "procrustes" (Procrustes-aligned MCC, R^2,
+    CKA) when every orthogonal map is free, "linear" (R^2, CKA) for models of different kinds.
+    The group is the one `symmetry_report` measures for these choices (docs/posterior.md).
+    """
+    posterior_b = posterior_a if posterior_b is None else posterior_b
+    prior_b = prior_a if prior_b is None else prior_b
+    if (posterior_a, prior_a) != (posterior_b, prior_b):
+        return {"group": None, "measure": "linear",
+                "line": (f"the runs differ (posterior {posterior_a} vs {posterior_b}, prior {prior_a} vs {prior_b}): "
+                         "no common symmetry group, so only a linear map can relate them; read R^2 and CKA")}
+    kind = f"posterior {posterior_a}, prior {prior_a}"
+    if posterior_a == "full" and prior_a in ("normal", "vamp"):
+        return {"group": "orthogonal maps", "measure": "procrustes",
+                "line": (f"{kind}: every orthogonal map of the latent space leaves the ELBO unchanged, so "
+                         "retrainings can agree at most up to a rotation: read the Procrustes-aligned MCC, R^2 "
+                         "and CKA; the axis-by-axis MCC is not meaningful")}
+    why = ("a diagonal posterior makes" if posterior_a == "diagonal" else "the MoG prior's diagonal components make")
+    return {"group": "signed permutations", "measure": "mcc",
+            "line": (f"{kind}: {why} rotations cost ELBO, so the latents are at best unique up to a "
+                     "signed permutation: the axis-by-axis MCC is meaningful (1 = the same axes); the "
+                     "Procrustes-aligned MCC, R^2 and CKA also count agreement up to a rotation")}
+
+
 def _r2(fit_x, fit_y, test_x, test_y) -> float:
     """Held-out R^2 of the least-squares affine map x -> y, pooled over y's columns."""
     A = np.hstack([fit_x, np.ones((len(fit_x), 1))])
@@ -433,7 +349,7 @@ def compare(mu_a: np.ndarray, mu_b: np.ndarray, sigma_a: Optional[np.ndarray] = 
     if len(ia) == 0 or len(ib) == 0:
         empty = np.zeros(0)
         return Comparison(mcc_pearson=0.0, mcc_spearman=0.0, cka=0.0, r2_ab=0.0, r2_ba=0.0,
-                          pairs=np.zeros((0, 2), np.int64), corr=empty, spearman=empty, sigma_a=empty,
+                          procrustes_mcc=0.0, procrustes_corr=empty, pairs=np.zeros((0, 2), np.int64), corr=empty, spearman=empty, sigma_a=empty,
                           sigma_b=empty, sigma_corr=empty, active_a=act_a, active_b=act_b,
                           inactive_a=np.flatnonzero(~act_a), inactive_b=np.flatnonzero(~act_b),
                           unmatched_a=ia, unmatched_b=ib)
@@ -444,10 +360,11 @@ def compare(mu_a: np.ndarray, mu_b: np.ndarray, sigma_a: Optional[np.ndarray] = 
     rho_pairs = _corr(ra_test, rb_test)[rows, cols]                    # for the Pearson-matched table
     la, lb = np.log(sigma_a[:, ia[rows]]), np.log(sigma_b[:, ib[cols]])
     sig_corr = np.array([_corr(la[:, [j]], lb[:, [j]])[0, 0] for j in range(len(rows))])
+    pcorr = procrustes_corr(A[fit], B[fit], A[test], B[test])
     return Comparison(
         mcc_pearson=float(np.abs(corr).mean()), mcc_spearman=float(np.abs(rho).mean()),
         cka=linear_cka(A, B), r2_ab=_r2(A[fit], B[fit], A[test], B[test]), r2_ba=_r2(B[fit], A[fit], B[test], A[test]),
-        pairs=np.stack([ia[rows], ib[cols]], 1), corr=corr, spearman=rho_pairs,
+        procrustes_mcc=float(np.abs(pcorr).mean()), procrustes_corr=pcorr, pairs=np.stack([ia[rows], ib[cols]], 1), corr=corr, spearman=rho_pairs,
         sigma_a=sigma_a[:, ia[rows]].mean(0), sigma_b=sigma_b[:, ib[cols]].mean(0), sigma_corr=sig_corr,
         active_a=act_a, active_b=act_b, inactive_a=np.flatnonzero(~act_a), inactive_b=np.flatnonzero(~act_b),
         unmatched_a=np.setdiff1d(ia, ia[rows]), unmatched_b=np.setdiff1d(ib, ib[cols]))

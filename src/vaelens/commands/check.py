@@ -1,4 +1,4 @@
-"""`vaelens check`: are mu(x) and sigma(x) the mean and std of the model's own draws of z?"""
+"""`vaelens check`: are mu(x) and sigma(x) (a full run's L(x) L(x)^T) the mean and spread of the model's own draws?"""
 
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ def add_parser(subparsers):
         description="For chosen samples, draw S reparameterized z through the encoder's sampling path and test "
                     "the cloud against N(mu(x), sigma(x)^2): standardized mean errors, std ratios, a KS test of "
                     "the pooled (z - mu)/sigma against N(0, 1) and chi-square tests of the means and variances, "
-                    "Bonferroni-combined at --level.",
+                    "Bonferroni-combined at --level. A full-covariance run is tested against N(mu(x), L(x) L(x)^T): "
+                    "the same tests on the whitened draws L^-1 (z - mu), and a fourth, a chi-square test of their "
+                    "off-diagonal covariances (the correlations), Bonferroni over four.",
         epilog="examples:\n  vaelens check runs/digits-...\n  vaelens check RUN --indices 0,5,9 --samples 5000\n"
                "  vaelens check RUN --data table.csv --n 20 --json check.json\n")
     common.add_run_args(p)
@@ -66,15 +68,23 @@ class CheckResult(Result):
                 + " ".join(f"{v:6.2f}" for v in c.mu[r, :4]) + "   " + " ".join(f"{v:5.3f}" for v in c.sigma[r, :4])
                 for r in range(k)]
         band = 3 / np.sqrt(2 * S)
+        full = c.scale_tril is not None
+        u = "L^-1 (z - mu)" if full else "(z - mu)/sigma"
+        claim = "N(mu(x), L(x) L(x)^T)" if full else "N(mu(x), sigma(x)^2)"
         out += [f"  (a true claim gives mean errors ~ N(0, 1) s.e. and std ratios within about 1 +- {band:.3f})",
-                f"  KS, pooled (z - mu)/sigma vs N(0, 1): D = {c.ks_stat:.4f}, p = {c.ks_p:.3g}",
+                f"  KS, pooled {u} vs N(0, 1): D = {c.ks_stat:.4f}, p = {c.ks_p:.3g}",
                 f"  chi-square of the mean errors:        {c.mean_chi2:.1f} on {k * d} dof, p = {c.mean_p:.3g}",
                 f"  chi-square of the variances:          {c.var_chi2:.0f} on {k * d * (S - 1)} dof, "
-                f"p = {c.var_p:.3g}",
-                f"verdict: {self.verdict}: combined p = {c.p_value:.3g} (Bonferroni over 3 tests) "
-                f"{'>=' if c.passed else '<'} level {self.level:g}; "
-                + ("the draws are N(mu(x), sigma(x)^2): mu is their mean and sigma their std"
-                   if c.passed else "the draws do not follow N(mu(x), sigma(x)^2)")]
+                f"p = {c.var_p:.3g}"]
+        if full:
+            out.append(f"  chi-square of the correlations:       {c.offdiag_chi2:.1f} on {k * d * (d - 1) // 2} dof, "
+                       f"p = {c.offdiag_p:.3g} (whitened off-diagonal covariances; largest |z| "
+                       f"{c.offdiag_z.max():.2f})")
+        out.append(f"verdict: {self.verdict}: combined p = {c.p_value:.3g} (Bonferroni over {c.tests} tests) "
+                   f"{'>=' if c.passed else '<'} level {self.level:g}; "
+                   + ((f"the draws are {claim}: mu is their mean and "
+                       + ("L L^T their covariance" if full else "sigma their std"))
+                      if c.passed else f"the draws do not follow {claim}"))
         return out
 
 

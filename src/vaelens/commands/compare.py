@@ -8,7 +8,7 @@ from typing import List, Optional, Tuple
 
 from ..api import VAE
 from ..errors import VaelensError
-from ..uniqueness import Comparison, compare
+from ..uniqueness import Comparison, compare, expected_agreement
 from . import _common as common
 from .render import Result
 
@@ -18,12 +18,17 @@ NAME = "compare"
 def add_parser(subparsers):
     p = common.add_parser(
         subparsers, NAME,
-        help="do retrainings (e.g. train --seeds) learn the same latents? MCC, CKA, linear R^2",
+        help="do retrainings (e.g. train --seeds) learn the same latents? MCC, Procrustes MCC, CKA, linear R^2",
         description="Encode the same data with every run and compare each pair: mean correlation coefficient "
                     "(|Pearson| and |Spearman| of latent means matched by the Hungarian method on one half of "
-                    "the samples, scored on the other), linear CKA, held-out R^2 of the best linear map both "
-                    "ways, and a per-latent table that also compares sigma. Inactive latents (Var mu <= 0.01) "
-                    "are listed apart.",
+                    "the samples, scored on the other), the Procrustes-aligned MCC (a's means turned by the "
+                    "orthogonal map fitted to b on the first half, correlated axis by axis on the other), linear "
+                    "CKA, held-out R^2 of the best linear map both ways, and a per-latent table that also "
+                    "compares sigma. Inactive latents (Var mu <= 0.01) are listed apart. From the runs' "
+                    "posterior family and prior, one line says which agreement their symmetry group makes "
+                    "meaningful: the MCC when only signed permutations are free (diagonal posterior, or a MoG "
+                    "prior), the Procrustes MCC, R^2 and CKA when every rotation is free (full covariance with "
+                    "the normal or VampPrior; `vaelens symmetry` measures the group).",
         epilog="examples:\n  vaelens train --seeds 0,1,2 --out runs/seeds\n"
                "  vaelens compare runs/seeds/seed-0 runs/seeds/seed-1 runs/seeds/seed-2\n"
                "  vaelens compare A B --data test.csv --json cmp.json\n")
@@ -42,18 +47,21 @@ class CompareResult(Result):
     where: dict  # data, split
     n: int
     pairs: List[Tuple[int, int, Comparison]]
+    expected: dict  # group, measure, line: see uniqueness.expected_agreement
     json_path: Optional[Path] = None
 
     def to_dict(self) -> dict:
-        return {"runs": [str(r) for r in self.runs], **self.where,
+        return {"runs": [str(r) for r in self.runs], **self.where, "expected": self.expected,
                 "pairs": [dict(a=a, b=b, **c.to_dict()) for a, b, c in self.pairs]}
 
     def lines(self):
         out = [f"compare {len(self.runs)} runs on {self.where['data']} {self.where['split']} ({self.n} samples; "
                f"matching fitted on one half, scored on the other)",
-               f"  {'A':<5} {'B':<5} {'active':<7} {'MCC P':>6} {'MCC S':>6} {'CKA':>6} {'R2 A>B':>7} {'R2 B>A':>7}"]
+               f"  {'A':<5} {'B':<5} {'active':<7} {'MCC P':>6} {'MCC S':>6} {'Procr.':>6} {'CKA':>6} {'R2 A>B':>7} "
+               f"{'R2 B>A':>7}"]
         out += [f"  {a:<5} {b:<5} {f'{int(c.active_a.sum())}/{int(c.active_b.sum())}':<7} {c.mcc_pearson:6.3f} "
-                f"{c.mcc_spearman:6.3f} {c.cka:6.3f} {c.r2_ab:7.3f} {c.r2_ba:7.3f}" for a, b, c in self.pairs]
+                f"{c.mcc_spearman:6.3f} {c.procrustes_mcc:6.3f} {c.cka:6.3f} {c.r2_ab:7.3f} {c.r2_ba:7.3f}"
+                for a, b, c in self.pairs]
         out += [f"  run {i}: {run}" for i, run in enumerate(self.runs)]
         a, b, c = min(self.pairs, key=lambda p: p[2].mcc_pearson)  # the first of equally bad pairs
         out += [f"  matched latents, runs {a} and {b} (the pair with the lowest MCC):",
@@ -65,7 +73,13 @@ class CompareResult(Result):
         out.append(f"  inactive latents: run {a} {c.inactive_a.tolist()}, run {b} {c.inactive_b.tolist()}"
                    + (f"; active but unmatched: run {a} {c.unmatched_a.tolist()}, run {b} {c.unmatched_b.tolist()}"
                       if len(c.unmatched_a) or len(c.unmatched_b) else ""))
+        out.append(f"expected: {self.expected['line']}")
         out.append(f"verdict: {c.verdict()}" + (" (worst pair)" if len(self.pairs) > 1 else ""))
+        if self.expected["measure"] == "procrustes":
+            worst = min(self.pairs, key=lambda p: p[2].procrustes_mcc)[2]
+            out.append(f"  up to a rotation, the measure this model's group makes meaningful: Procrustes MCC "
+                       f"{worst.procrustes_mcc:.3f}, R^2 {min(worst.r2_ab, worst.r2_ba):.3f}, CKA {worst.cka:.3f}"
+                       + (" (worst pair)" if len(self.pairs) > 1 else ""))
         return out
 
 
@@ -77,13 +91,17 @@ def run(args) -> CompareResult:
     args.run = args.runs[0]
     vae0, ds = common.load_run_and_data(args)
     X = common.first_rows(ds.X, args.limit)
-    posts = [vae0.encode(X, seed=args.seed)]
-    for run_dir in args.runs[1:]:
+    vaes = [vae0]
+    for run_dir in args.runs[1:]:  # every run loaded (and checked) before any encoding
         v = VAE.load(run_dir)
         if v.n_features_in_ != vae0.n_features_in_:
             raise VaelensError(f"{run_dir}: expects {v.n_features_in_} features, {args.runs[0]} "
                                f"{vae0.n_features_in_}; compare runs trained on the same kind of data")
-        posts.append(v.encode(X, seed=args.seed))
+        vaes.append(v)
+    kinds = {(v.config_.model.posterior, v.config_.model.prior) for v in vaes}
+    a_kind, b_kind = (sorted(kinds) * 2)[:2]
+    expected = expected_agreement(*a_kind, *b_kind)
+    posts = [v.encode(X, seed=args.seed) for v in vaes]
     pairs = [(a, b, compare(posts[a].mu, posts[b].mu, posts[a].sigma, posts[b].sigma, seed=args.seed))
              for a in range(len(posts)) for b in range(a + 1, len(posts))]
-    return CompareResult(list(args.runs), {"data": ds.name, "split": args.split}, len(X), pairs, json_out)
+    return CompareResult(list(args.runs), {"data": ds.name, "split": args.split}, len(X), pairs, expected, json_out)

@@ -16,6 +16,7 @@ from ..config import DEVICES
 from ..errors import VaelensError
 from ..train import resolve_device
 from . import _common as common
+from .info import family_text
 from .render import Result, se_cell
 
 NAME = "evaluate"
@@ -68,6 +69,9 @@ class EvaluateResult(Result):
         out = [f"evaluate {r['run']} on {what} ({n}, {r['features']} features"
                f"{', binarized once with seed %d' % r['seed'] if r['binarized'] else ''})",
                f"  densities in nats of the model's input: {r['space']}"]
+        if r.get("family"):  # not the default diagonal family with N(0, I)
+            out.append(f"  {r['family']}; KL(q(z|x) || p(z)) by Monte Carlo with the ELBO's draws where torch "
+                       f"has no closed form; a dimension's KL is its marginals' KL (they do not sum to the KL)")
         short = _SHORT.get(r["space"], r["space"])
         rows = [(f"ELBO [{short}]", r["elbo"], r["elbo_se"], "nats"),
                 ("  reconstruction E_q[log p(x|z)]", r["rec"], None, "nats"),
@@ -136,6 +140,9 @@ def run(args) -> EvaluateResult:
     r = ev.to_dict(per_sample=args.per_sample)
     r.update(run=str(args.run), data=ds.name, split=split, binarized=vae.binarized_,
              seed=args.seed, processes=info.world_size, space=data_mod.figure_space(vae.config_))
+    m = vae.config_.model
+    if not m.factorized:  # the default's JSON stays as it was
+        r.update(family=family_text(m), posterior=m.posterior, prior=m.prior, prior_components=m.components)
     if vae.config_.data.standardize:
         # x = mean + std * x', so log p(x) = log p(x') - sum(log std): comparable with models fitted on raw columns
         shift = data_mod.log_jacobian(vae.config_.transform)

@@ -1,5 +1,10 @@
 """`vaelens export`: the encoder (x -> mu, sigma) and the decoder (z -> the likelihood's parameters) as
-standalone ONNX or torch.export artifacts, with export.json describing them, checked before they are kept."""
+standalone ONNX or torch.export artifacts, with export.json describing them, checked before they are kept.
+
+A full-covariance run's encoder has a third output, scale_tril (batch, d, d): the Cholesky factor L of
+q(z|x)'s covariance L L^T (sigma stays the marginal std). The prior (N(0, I), a mixture, the VampPrior)
+is not part of either graph: a mixture prior's parameters are in the run's weights, and export.json
+names the prior, so that a user who samples z ~ p(z) knows which one to draw from."""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import __version__
@@ -18,6 +24,7 @@ from .. import data as data_mod
 from ..api import VAE
 from ..errors import DataError, OutputError, VaelensError
 from ..io import check_writable, fsync_dir, write_json
+from ..model import SIGMA_MAX, scale_tril
 from . import _common as common
 from .render import Result
 
@@ -37,7 +44,8 @@ def add_parser(subparsers):
     p = common.add_parser(
         subparsers, NAME, epilog=_EPILOG,
         help="write the encoder and decoder as standalone ONNX or torch.export artifacts",
-        description="Export the run's encoder (x -> mu, sigma of q(z|x)) and decoder (z -> the likelihood's "
+        description="Export the run's encoder (x -> mu, sigma of q(z|x); a full-covariance run also gives "
+                    "scale_tril, the Cholesky factor of the covariance) and decoder (z -> the likelihood's "
                     "parameters: logits, or loc and scale) into --out: encoder.onnx and decoder.onnx (ONNX, "
                     "dynamic batch dimension) or encoder.pt2 and decoder.pt2 (torch.export programs), and "
                     "export.json with their inputs, outputs, the preprocessing the encoder expects (the inputs "
@@ -74,15 +82,39 @@ class ExportResult(Result):
 
 
 class EncoderExport(nn.Module):
-    """x (model units) -> (mu, sigma): the module's own inference network, its Normal unpacked."""
+    """x (model units) -> (mu, sigma), and scale_tril for the full family: the module's own inference
+    network, its distribution unpacked (sigma the marginal std).
+
+    The full family's L is assembled here as [sigma, below] @ P, P a constant 0/1 placement matrix,
+    from the encoder's own heads with its own arithmetic (`model.Encoder.forward`): the encoder writes
+    the entries below the diagonal by indexed assignment, which the TorchScript ONNX exporter cannot
+    express. `check_artifacts` compares the result with the model's L before anything is kept.
+    """
 
     def __init__(self, module):
         super().__init__()
-        self.module = module
+        # the encoder alone, not the module: a mixture prior's parameters (the VampPrior's pseudo-inputs)
+        # are no part of the graph
+        self.encoder, self.full, self.d = module.encoder, module.cfg.posterior == "full", module.latent_dim
+        if self.full:
+            d = module.latent_dim
+            below = torch.tril_indices(d, d, offset=-1)
+            cells = torch.cat([torch.arange(d) * (d + 1), below[0] * d + below[1]])   # diagonal, then below it
+            place = torch.zeros(len(cells), d * d)
+            place[torch.arange(len(cells)), cells] = 1.0
+            self.register_buffer("place", place, persistent=False)           # (d(d+1)/2, d^2)
 
     def forward(self, x):
-        q = self.module.inference(x)
-        return q.mean, q.stddev
+        if not self.full:
+            q = self.encoder(x)                                              # q(z|x): `VAEModule.inference`
+            return q.mean, q.stddev
+        enc, d = self.encoder, self.d
+        xt = enc.trunk(x)                                                    # (n, width)
+        mu = enc.mu_head(xt)                                                 # (n, d)
+        sigma = F.softplus(enc.sigma_head(xt)).clamp(max=SIGMA_MAX) + enc.sigma_floor   # (n, d): L's diagonal
+        off = enc.tril_head(xt).clamp(-SIGMA_MAX, SIGMA_MAX)                 # (n, d(d-1)/2): below it
+        L = (torch.cat([sigma, off], 1) @ self.place).reshape(-1, d, d)      # (n, d, d)
+        return mu, L.square().sum(-1).sqrt(), L
 
 
 class DecoderExport(nn.Module):
@@ -90,10 +122,10 @@ class DecoderExport(nn.Module):
 
     def __init__(self, module, likelihood: str):
         super().__init__()
-        self.module, self.gaussian = module, likelihood == "gaussian"
+        self.decoder, self.gaussian = module.decoder, likelihood == "gaussian"
 
     def forward(self, z):
-        px = self.module.generative(z)
+        px = self.decoder(z)                                                 # p(x|z): `VAEModule.generative`
         return (px.loc, px.scale) if self.gaussian else px.logits
 
 
@@ -171,7 +203,8 @@ def _example(vae: VAE):
 def write_artifacts(vae: VAE, fmt: str, folder: Path):
     """encoder/decoder artifacts in `folder`: (file names, {name: (inputs, outputs)})."""
     gaussian = vae.config_.model.likelihood == "gaussian"
-    spec = {"encoder": (["x"], ["mu", "sigma"]),
+    full = vae.config_.model.posterior == "full"
+    spec = {"encoder": (["x"], ["mu", "sigma"] + (["scale_tril"] if full else [])),
             "decoder": (["z"], ["loc", "scale"] if gaussian else ["logits"])}
     mods = {"encoder": EncoderExport(vae.module_), "decoder": DecoderExport(vae.module_, vae.config_.model.likelihood)}
     x, z = _example(vae)
@@ -202,11 +235,13 @@ def check_artifacts(vae: VAE, fmt: str, folder: Path, Xm: np.ndarray) -> dict:
         q = module.inference(x)
         z = torch.cat([q.mean, torch.randn(3, q.mean.shape[1], generator=torch.Generator().manual_seed(1))])
         px = module.generative(z)
-    want_enc = [q.mean.numpy(), q.stddev.numpy()]
+    want_enc = [q.mean.numpy(), q.stddev.numpy()] + ([scale_tril(q).numpy()] if vae.config_.model.posterior == "full"
+                                                     else [])
     want_dec = [px.loc.numpy(), px.scale.numpy()] if vae.config_.model.likelihood == "gaussian" else [px.logits.numpy()]
     got_enc = _run_artifact(fmt, folder / f"encoder{SUFFIX[fmt]}", "x", Xm)
     got_dec = _run_artifact(fmt, folder / f"decoder{SUFFIX[fmt]}", "z", z.numpy())
-    names = ["mu", "sigma"] + (["loc", "scale"] if len(want_dec) == 2 else ["logits"])
+    names = ["mu", "sigma"] + (["scale_tril"] if len(want_enc) == 3 else []) + (["loc", "scale"] if len(want_dec) == 2
+                                                                             else ["logits"])
     diffs = {}
     for name, want, got in zip(names, want_enc + want_dec, got_enc + got_dec):
         diffs[name] = float(np.max(np.abs(want - got))) if want.shape == got.shape else float("inf")
@@ -226,11 +261,21 @@ def _run_artifact(fmt: str, path: Path, input_name: str, value: np.ndarray) -> l
     return [o.numpy() for o in (out if isinstance(out, (tuple, list)) else (out,))]
 
 
+def _family(m) -> dict:
+    """export.json's posterior family and prior; a diagonal run with N(0, I) adds nothing (its file is as it was)."""
+    if m.posterior == "diagonal" and m.prior == "normal":
+        return {}
+    return {"posterior": m.posterior, "prior": m.prior, "prior_components": m.components,
+            "prior_note": "the artifacts hold q(z|x) and p(x|z) only; p(z) is not exported"
+                          + ("" if m.prior == "normal" else " (its parameters are in the run's model.safetensors)")}
+
+
 def describe(vae: VAE, args, files: list, spec: dict, diffs: dict, rows: int) -> dict:
     """export.json: what each artifact takes and gives, the preprocessing, the run's config."""
     cfg = vae.config_
     p, d = vae.n_features_in_, vae.latent_dim_
-    shapes = {"x": ["batch", p], "mu": ["batch", d], "sigma": ["batch", d], "z": ["batch", d],
+    shapes = {"x": ["batch", p], "mu": ["batch", d], "sigma": ["batch", d], "scale_tril": ["batch", d, d],
+              "z": ["batch", d],
               "logits": ["batch", p], "loc": ["batch", p], "scale": ["batch", p]}
     arts = {name: {"file": f, "inputs": [{"name": n, "shape": shapes[n], "dtype": "float32"} for n in spec[name][0]],
                    "outputs": [{"name": n, "shape": shapes[n], "dtype": "float32"} for n in spec[name][1]]}
@@ -246,5 +291,6 @@ def describe(vae: VAE, args, files: list, spec: dict, diffs: dict, rows: int) ->
             "exporter": (f"torch.onnx.export (TorchScript-based, dynamo=False), opset {ONNX_OPSET}"
                          if args.format == "onnx" else "torch.export.export, saved with torch.export.save"),
             "likelihood": cfg.model.likelihood, "image_shape": cfg.model.image_shape, "artifacts": arts,
+            **_family(cfg.model),
             "preprocessing": pre, "check": {"rows": rows, "atol": ATOL, "max_abs_diff": diffs},
             "config": cfg.to_dict()}

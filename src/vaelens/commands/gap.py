@@ -24,8 +24,8 @@ def add_parser(subparsers):
                     "sampling (k draws from q* or, with --proposal encoder, from q(z|x); ESS and Pareto-k flag "
                     "unreliable samples); "
                     "per latent, how far mu(x) is from E_p[z] in true stds and sigma(x) / Std_p[z]; the best "
-                    "diagonal Gaussian q* per sample (Adam on a Monte Carlo ELBO from the encoder's output, "
-                    "--steps steps); and log p(x) - L[q] split into the approximation gap log p(x) - L[q*] and "
+                    "Gaussian q* of the run's family per sample (diagonal or full covariance; Adam on a Monte "
+                    "Carlo ELBO from the encoder's output, --steps steps); and log p(x) - L[q] split into the approximation gap log p(x) - L[q*] and "
                     "the amortization gap L[q*] - L[q] (Cremer, Li & Duvenaud 2018). docs/posterior.md.",
         epilog="examples:\n  vaelens gap runs/digits-...\n"
                "  vaelens gap RUN --data mnist --split test --n 1000 --k 1000 --steps 300 --json gap.json\n")
@@ -59,7 +59,8 @@ class GapResult(Result):
         n, d = tp.mean.shape
         out = [f"gap {w['run']} on {w['data']} {w['split']}: {n} samples, k = {g.k} importance draws from "
                f"{'q*' if tp.proposal == 'refined' else 'q'}, "
-               f"q* from {g.steps} Adam steps (lr {g.lr:g}, {g.draws} draws/step), ELBOs on {g.elbo_draws} "
+               f"q*{' (full covariance)' if g.scale_tril_opt is not None else ''} from {g.steps} Adam steps "
+               f"(lr {g.lr:g}, {g.draws} draws/step), ELBOs on {g.elbo_draws} "
                f"fresh draws",
                f"  {'dim':<4} {'|mu-E_p|/Std_p':>15} {'sigma / Std_p':>14} {'|m*-E_p|/Std_p':>15} "
                f"{'s* / Std_p':>11} {'MC s.e./Std_p':>14}"]

@@ -14,6 +14,21 @@ from .render import Result
 NAME = "info"
 
 
+def prior_text(m) -> str:
+    """The prior of a ModelConfig in words: the one description `info`, `posterior` and `evaluate` print."""
+    if m.prior == "mog":
+        return f"a mixture of {m.components} Gaussians (mog, learned weights, means and scales)"
+    if m.prior == "vamp":
+        return f"the VampPrior ({m.components} learned pseudo-inputs)"
+    return "N(0, I)"
+
+
+def family_text(m) -> str:
+    """The posterior family and the prior of a ModelConfig in words."""
+    family = "full-covariance Gaussian (Cholesky factor)" if m.posterior == "full" else "diagonal Gaussian"
+    return f"q(z|x) {family}, p(z) {prior_text(m)}"
+
+
 def add_parser(subparsers):
     p = common.add_parser(subparsers, NAME, help="show a run's configuration and results",
                           epilog="example:\n  vaelens info runs/digits-...\n")
@@ -43,6 +58,7 @@ class InfoResult(Result):
                f"  model    {m.arch} {m.input_dim}-{'-'.join(map(str, m.hidden)) or '(linear)'}-{m.latent_dim}  "
                f"likelihood={m.likelihood}{'/' + m.gaussian_scale if m.likelihood == 'gaussian' else ''}  "
                f"activation={m.activation}",
+               f"  latent   d={m.latent_dim}: {family_text(m)}",
                f"  training {t.objective}{'(K=%d)' % t.iw_samples if t.objective == 'iwae' else ''}"
                f"{' DReG' if t.dreg else ''} {t.optimizer} "
                f"lr={t.lr:g} batch={t.batch_size} epochs={t.epochs} beta={t.beta:g} seed={t.seed}"]

@@ -56,16 +56,22 @@ class ReportResult(Result):
         out += [f"  note: {note}" for note in rep.notes]
         out.append(f"  {'section':<16} status")
         out += [f"  {sid:<16} {'skipped: ' + why if why else 'ok'}" for sid, why in rep.sections.items()]
-        out.append(f"  active units {num['active_units']} of {num['latent_dim']} (Var mu > 0.01)")
+        out.append(f"  {num['posterior']} q(z|x), prior {num['prior_name']}; "
+                   f"active units {num['active_units']} of {num['latent_dim']} (Var mu > 0.01)")
         if "point_cloud" in num:
             pc = num["point_cloud"]
             out.append(f"  point-cloud check {'passed' if pc['passed'] else 'FAILED'} (p = {pc['p_value']:.3g}, "
                        f"{len(pc['indices'])} samples x {pc['n_samples']} draws)")
         if "aggregate" in num:
             agg = num["aggregate"]
-            out.append(f"  {'dim':<5} {'between':>9} {'within':>9} {'total':>9}  (aggregate posterior; prior total 1)")
-            out += [f"  z{j:<4} {agg['between'][j]:9.4f} {agg['within'][j]:9.4f} {agg['total'][j]:9.4f}"
-                    for j in range(num["latent_dim"])]
+            if "prior_var" in agg:  # a mixture prior: its own marginal variances
+                out.append(f"  {'dim':<5} {'between':>9} {'within':>9} {'total':>9} {'prior':>9}  (aggregate posterior)")
+                out += [f"  z{j:<4} {agg['between'][j]:9.4f} {agg['within'][j]:9.4f} {agg['total'][j]:9.4f} "
+                        f"{agg['prior_var'][j]:9.4f}" for j in range(num["latent_dim"])]
+            else:
+                out.append(f"  {'dim':<5} {'between':>9} {'within':>9} {'total':>9}  (aggregate posterior; prior total 1)")
+                out += [f"  z{j:<4} {agg['between'][j]:9.4f} {agg['within'][j]:9.4f} {agg['total'][j]:9.4f}"
+                        for j in range(num["latent_dim"])]
         if "compare" in num:
             cmp = num["compare"]
             out.append(f"  MCC with {cmp['runs'][0]}: "

@@ -1,4 +1,5 @@
-"""`vaelens sample`: decode draws from the prior to a PNG grid (image runs), CSV or .npy."""
+"""`vaelens sample`: decode draws from the prior p(z) (N(0, I), the learned mixture or the VampPrior:
+`VAE.generate`) to a PNG grid (image runs), CSV or .npy."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from ..errors import VaelensError
 from ..io import atomic_write, prepare_output
 from ..plots import save_image_grid
 from . import _common as common
+from .info import prior_text
 from .render import Result
 
 NAME = "sample"
@@ -33,12 +35,13 @@ def add_parser(subparsers):
 class SampleResult(Result):
     path: Path
     n: int
+    prior: str = "N(0, I)"  # p(z) in words (`info.prior_text`)
 
     def to_dict(self) -> dict:
         return {"path": str(self.path), "n": self.n}
 
     def lines(self):
-        return [f"wrote {self.path}: {self.n} samples decoded from z ~ N(0, I)"]
+        return [f"wrote {self.path}: {self.n} samples decoded from z ~ {self.prior}"]
 
 
 def run(args) -> SampleResult:
@@ -60,4 +63,4 @@ def run(args) -> SampleResult:
         atomic_write(out, lambda f: np.save(f, x))
     else:
         common.write_table(out, {f"x_{j}": x[:, j] for j in range(x.shape[1])})
-    return SampleResult(out, args.n)
+    return SampleResult(out, args.n, prior_text(vae.config_.model))

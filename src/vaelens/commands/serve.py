@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from .. import serve as serve_mod
 from .. import webguard
 from ..errors import VaelensError
+from ..latentview import prior_name
 from . import _common as common
 from .render import Result
 
@@ -133,7 +134,9 @@ def prepare(args):
         sock.close()
         raise
     shown = _literal(ip) if ip.is_loopback or not ip.is_unspecified else args.host
-    lines = [f"vaelens serve: {ds.name}, {ds.n} samples, latent dimension {vae.config_.model.latent_dim}"]
+    m = vae.config_.model
+    lines = [f"vaelens serve: {ds.name}, {ds.n} samples, latent dimension {m.latent_dim}, "
+             f"{m.posterior} q(z|x), prior {prior_name(m)}"]
     if not ip.is_loopback:
         lines.append(_exposure(ip, port, hosts))
     lines.append(f"open http://{shown}:{port}/  (Ctrl-C to stop)")

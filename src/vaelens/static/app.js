@@ -15,6 +15,8 @@ const S = {
   dimX: 0, dimY: 1, hover: -1,
   view: null, base: null,
   tp: null,             // the selected sample's true posterior: {z, weights, mean, mu, sigma, mu_opt, sigma_opt, ...}
+  cov2: null,           // a full run's map covariance blocks for the shown pair: {x, y, cov: [[var x, cov xy, var y]]}
+  prior: null,          // a mixture prior's density over the shown pair: {x, y, u, v, density, levels, name}
 };
 
 // --- requests --------------------------------------------------------------------------------
@@ -37,16 +39,33 @@ function quantile(sorted, q) {
   return sorted[i];
 }
 
-// The view spans the data's mu in the two chosen dimensions and at least the prior's ±3.
+// The view spans the data's mu in the two chosen dimensions and at least the prior's ±3 (a mixture
+// prior: and where its density encloses 86% of its mass).
 function computeView() {
-  const ext = (j) => {
+  const box = priorBox();
+  const ext = (j, k) => {
     const v = S.map.mu.map((m) => m[j]).sort((a, b) => a - b);
     let lo = Math.min(quantile(v, 0.002), -3), hi = Math.max(quantile(v, 0.998), 3);
+    if (box) { lo = Math.min(lo, box[k][0]); hi = Math.max(hi, box[k][1]); }
     const pad = 0.05 * (hi - lo);
     return [lo - pad, hi + pad];
   };
   const c = $("map");
-  S.view = { x: ext(S.dimX), y: ext(S.dimY), w: c.clientWidth || 560, h: c.clientHeight || 560 };
+  S.view = { x: ext(S.dimX, 0), y: ext(S.dimY, 1), w: c.clientWidth || 560, h: c.clientHeight || 560 };
+}
+
+// [[u lo, u hi], [v lo, v hi]] of the grid cells where the shown mixture prior's density is above its
+// lowest contour level; null without one
+function priorBox() {
+  const P = S.info.prior !== "normal" && pairIs(S.prior) ? S.prior : null;
+  if (!P) return null;
+  const level = Math.min(...P.levels), box = [[Infinity, -Infinity], [Infinity, -Infinity]];
+  P.density.forEach((row, a) => row.forEach((d, b) => {
+    if (d < level) return;
+    box[0] = [Math.min(box[0][0], P.u[b]), Math.max(box[0][1], P.u[b])];
+    box[1] = [Math.min(box[1][0], P.v[a]), Math.max(box[1][1], P.v[a])];
+  }));
+  return box[0][0] <= box[0][1] ? box : null;
 }
 
 function toScreen(u, v) {
@@ -90,10 +109,13 @@ function renderBase() {
     const [, y] = toScreen(0, t);
     ctx.beginPath(); ctx.moveTo(0, y); ctx.lineTo(V.w, y); ctx.stroke(); ctx.fillText(String(t), 2, y - 2);
   }
-  // the prior's 1 and 2 sigma circles
-  ctx.setLineDash([4, 4]); ctx.strokeStyle = "#9aa3ab";
-  for (const r of [1, 2]) ellipse(ctx, 0, 0, r, r);
-  ctx.setLineDash([]);
+  if (S.info.prior === "normal") {  // the prior's 1 and 2 sigma circles
+    ctx.setLineDash([4, 4]); ctx.strokeStyle = "#9aa3ab";
+    for (const r of [1, 2]) ellipse(ctx, 0, 0, r, r);
+    ctx.setLineDash([]);
+  } else if (pairIs(S.prior)) {
+    drawPrior(ctx, S.prior);
+  }
   ctx.globalAlpha = 0.55;
   const mu = S.map.mu, lab = S.map.label;
   for (let i = 0; i < mu.length; i++) {
@@ -111,11 +133,96 @@ function ellipse(ctx, u, v, su, sv) {
   ctx.beginPath(); ctx.ellipse(x, y, Math.max(rx, 0.5), Math.max(ry, 0.5), 0, 0, 2 * Math.PI); ctx.stroke();
 }
 
-function sampleEllipses(ctx, mu, sigma, color, width) {
+// The k-sigma ellipse of N((u, v), C) for a 2x2 covariance c = [var u, cov(u, v), var v], on a canvas whose
+// axes scale u by sx and v by -sy (screen y points down). In screen units the covariance is D C D with
+// D = diag(sx, -sy); its eigenvalues give the radii and its major eigenvector the rotation (radians,
+// clockwise on screen, as ctx.ellipse takes it).
+function screenEllipse(u, v, c, k, sx, sy) {
+  const p = c[0] * sx * sx, q = -c[1] * sx * sy, r = c[2] * sy * sy;
+  const mid = (p + r) / 2, half = Math.hypot((p - r) / 2, q);
+  return { rx: k * Math.sqrt(mid + half), ry: k * Math.sqrt(Math.max(mid - half, 0)), angle: 0.5 * Math.atan2(2 * q, p - r) };
+}
+
+function covEllipse(ctx, u, v, c, k) {
+  const V = S.view, [x, y] = toScreen(u, v);
+  const e = screenEllipse(u, v, c, k, V.w / (V.x[1] - V.x[0]), V.h / (V.y[1] - V.y[0]));
+  ctx.beginPath(); ctx.ellipse(x, y, Math.max(e.rx, 0.5), Math.max(e.ry, 0.5), e.angle, 0, 2 * Math.PI); ctx.stroke();
+}
+
+// [var x, cov xy, var y] of a full (d, d) covariance in the shown pair
+const block = (C) => [C[S.dimX][S.dimX], C[S.dimX][S.dimY], C[S.dimY][S.dimY]];
+const pairIs = (o) => o && o.x === S.dimX && o.y === S.dimY;
+
+// mu ± 1 and 2 sigma: axis-aligned from sigma (a diagonal run), rotated from the 2x2 block c when given
+function sampleEllipses(ctx, mu, sigma, color, width, c) {
   ctx.strokeStyle = color; ctx.lineWidth = width;
-  for (const k of [1, 2]) ellipse(ctx, mu[S.dimX], mu[S.dimY], k * sigma[S.dimX], k * sigma[S.dimY]);
+  for (const k of [1, 2]) {
+    if (c) covEllipse(ctx, mu[S.dimX], mu[S.dimY], c, k);
+    else ellipse(ctx, mu[S.dimX], mu[S.dimY], k * sigma[S.dimX], k * sigma[S.dimY]);
+  }
   const [x, y] = toScreen(mu[S.dimX], mu[S.dimY]);
   ctx.fillStyle = color; ctx.beginPath(); ctx.arc(x, y, 3.5, 0, 2 * Math.PI); ctx.fill();
+}
+
+// A mixture prior's density over the shown pair: shaded (darker = denser), with dashed contours where it
+// encloses 39% and 86% of the prior's mass, as N(0, I)'s 1- and 2-sigma circles do.
+function drawPrior(ctx, P) {
+  const G = P.u.length, H = P.v.length, D = P.density;
+  let dmax = 0;
+  for (const row of D) for (const d of row) dmax = Math.max(dmax, d);
+  const img = document.createElement("canvas");
+  img.width = G; img.height = H;
+  const ictx = img.getContext("2d"), data = ictx.createImageData(G, H);
+  for (let a = 0; a < H; a++) {
+    for (let b = 0; b < G; b++) {
+      const k = 4 * ((H - 1 - a) * G + b);  // image rows run down, v runs up
+      data.data[k] = 90; data.data[k + 1] = 100; data.data[k + 2] = 115;
+      data.data[k + 3] = Math.round(110 * D[a][b] / (dmax || 1));
+    }
+  }
+  ictx.putImageData(data, 0, 0);
+  const [x0, y0] = toScreen(P.u[0], P.v[H - 1]), [x1, y1] = toScreen(P.u[G - 1], P.v[0]);
+  ctx.drawImage(img, x0, y0, x1 - x0, y1 - y0);
+  ctx.setLineDash([4, 4]); ctx.strokeStyle = "#6b7580"; ctx.lineWidth = 1;
+  for (const level of P.levels) contour(ctx, P, level);
+  ctx.setLineDash([]);
+}
+
+// Marching squares: in each grid cell, the segment(s) where the bilinear density crosses `level`.
+function contour(ctx, P, level) {
+  const { u, v, density: D } = P;
+  ctx.beginPath();
+  for (let a = 0; a + 1 < v.length; a++) {
+    for (let b = 0; b + 1 < u.length; b++) {
+      const corners = [[b, a], [b + 1, a], [b + 1, a + 1], [b, a + 1]];
+      const pts = [];
+      for (let e = 0; e < 4; e++) {
+        const [b0, a0] = corners[e], [b1, a1] = corners[(e + 1) % 4];
+        const d0 = D[a0][b0] - level, d1 = D[a1][b1] - level;
+        if ((d0 < 0) !== (d1 < 0)) {
+          const t = d0 / (d0 - d1);
+          pts.push(toScreen(u[b0] + t * (u[b1] - u[b0]), v[a0] + t * (v[a1] - v[a0])));
+        }
+      }
+      for (let k = 0; k + 1 < pts.length; k += 2) { ctx.moveTo(pts[k][0], pts[k][1]); ctx.lineTo(pts[k + 1][0], pts[k + 1][1]); }
+    }
+  }
+  ctx.stroke();
+}
+
+// What the shown pair needs beyond the map: a full run's covariance blocks, a mixture prior's density.
+async function fetchPair() {
+  const x = S.dimX, y = S.dimY, q = `?x=${x}&y=${y}`;
+  if (x === y) return;
+  try {
+    const [cov2, prior] = await Promise.all([
+      S.info.posterior === "full" ? api("/api/map_cov" + q) : null,
+      S.info.prior !== "normal" ? api("/api/prior" + q) : null]);
+    if (x !== S.dimX || y !== S.dimY) return;  // the dimensions changed meanwhile
+    S.cov2 = cov2; S.prior = prior;
+    renderBase(); renderMap();
+    document.body.dataset.pair = `${x},${y}`;
+  } catch (e) { setStatus(e.message); }
 }
 
 function renderMap() {
@@ -123,7 +230,8 @@ function renderMap() {
   const ctx = setupCanvas(c, V.w, V.h);
   ctx.drawImage(S.base, 0, 0, V.w, V.h);
   if (S.hover >= 0 && (!S.sel || S.map.index[S.hover] !== S.sel.index)) {
-    sampleEllipses(ctx, S.map.mu[S.hover], S.map.sigma[S.hover], "rgba(60,60,60,0.8)", 1);
+    sampleEllipses(ctx, S.map.mu[S.hover], S.map.sigma[S.hover], "rgba(60,60,60,0.8)", 1,
+      pairIs(S.cov2) ? S.cov2.cov[S.hover] : null);
   }
   if (S.sel) {
     ctx.fillStyle = "rgba(192,57,43,0.55)";
@@ -131,11 +239,12 @@ function renderMap() {
       const [x, y] = toScreen(z[S.dimX], z[S.dimY]);
       ctx.fillRect(x - 1.5, y - 1.5, 3, 3);
     }
-    sampleEllipses(ctx, S.sel.mu, S.sel.sigma, "#111", 1.6);
-    if (S.drawStats) {  // the running empirical mean and std of the draws, beside mu ± sigma
+    sampleEllipses(ctx, S.sel.mu, S.sel.sigma, "#111", 1.6, S.sel.cov && S.dimX !== S.dimY ? block(S.sel.cov) : null);
+    if (S.drawStats) {  // the running empirical mean and std (a full run: covariance) of the draws, beside mu ± sigma
       const m = S.drawStats.mean, s = S.drawStats.std;
       ctx.setLineDash([3, 3]); ctx.strokeStyle = "#c0392b"; ctx.lineWidth = 1.2;
-      ellipse(ctx, m[S.dimX], m[S.dimY], s[S.dimX], s[S.dimY]);
+      if (S.drawStats.cov && S.dimX !== S.dimY) covEllipse(ctx, m[S.dimX], m[S.dimY], block(S.drawStats.cov), 1);
+      else ellipse(ctx, m[S.dimX], m[S.dimY], s[S.dimX], s[S.dimY]);
       ctx.setLineDash([]);
     }
   }
@@ -251,7 +360,7 @@ async function drawZ() {
     const r = await api("/api/draw", { index, n, offset: S.draws.length, seed: S.seed });
     if (!S.sel || S.sel.index !== index) return;  // another sample was selected meanwhile
     S.draws.push(...r.z);
-    S.drawStats = { count: r.count, mean: r.mean, std: r.std };
+    S.drawStats = { count: r.count, mean: r.mean, std: r.std, cov: r.cov };
     renderStats(); renderMap();
   } catch (e) { setStatus(e.message); }
 }
@@ -333,6 +442,7 @@ function bindControls() {
   const onDims = () => {
     S.dimX = parseInt($("dim-x").value, 10); S.dimY = parseInt($("dim-y").value, 10);
     renderBase(); renderMap(); renderTruePosterior(); if (S.sel) renderStats();
+    fetchPair();
   };
   $("dim-x").addEventListener("change", onDims);
   $("dim-y").addEventListener("change", onDims);
@@ -387,12 +497,15 @@ function renderTruePosterior() {
     ctx.fillStyle = `rgba(20,40,150,${(0.08 + 0.92 * rel).toFixed(3)})`;
     ctx.beginPath(); ctx.arc(X(T.z[n][i]), Y(T.z[n][j]), 1 + 3.5 * Math.sqrt(rel), 0, 2 * Math.PI); ctx.fill();
   }
-  for (const [m, s, col] of [[T.mu, T.sigma, "#c0392b"], [T.mu_opt, T.sigma_opt, "#27ae60"]]) {
+  // the encoder's q from its full covariance for a full run (rotated); q* is diagonal
+  const cq = T.cov && i !== j ? [T.cov[i][i], T.cov[i][j], T.cov[j][j]] : null;
+  for (const [m, s, col, c] of [[T.mu, T.sigma, "#c0392b", cq], [T.mu_opt, T.sigma_opt, "#27ae60", null]]) {
     ctx.strokeStyle = col; ctx.lineWidth = 1.6;
     for (const k of [1, 2]) {
       ctx.setLineDash(k === 1 ? [] : [2, 3]);
-      ctx.beginPath(); ctx.ellipse(X(m[i]), Y(m[j]), Math.max(k * s[i] * R, 0.5), Math.max(k * s[j] * R, 0.5),
-        0, 0, 2 * Math.PI); ctx.stroke();
+      const e = c ? screenEllipse(m[i], m[j], c, k, R, R) : { rx: k * s[i] * R, ry: k * s[j] * R, angle: 0 };
+      ctx.beginPath(); ctx.ellipse(X(m[i]), Y(m[j]), Math.max(e.rx, 0.5), Math.max(e.ry, 0.5),
+        e.angle, 0, 2 * Math.PI); ctx.stroke();
     }
   }
   ctx.setLineDash([]);
@@ -455,9 +568,17 @@ async function main() {
   const I = S.info;
   $("model-info").textContent = `${I.data} · ${I.n} samples` + (I.map_points < I.n ? ` (map: ${I.map_points})` : "") +
     ` · ${I.p} features${I.image_shape ? ` (${I.image_shape.join("×")} images)` : ""} · ${I.arch} ` +
-    `${[I.p, ...I.hidden, I.latent_dim].join("-")} · ${I.likelihood} likelihood`;
+    `${[I.p, ...I.hidden, I.latent_dim].join("-")} · ${I.likelihood} likelihood · ${I.posterior} q(z|x) · ` +
+    `prior ${I.prior_name}`;
+  $("prior-note").textContent = I.prior === "normal" ?
+    "Dashed circles: the prior N(0, I)'s 1 and 2 standard deviations." :
+    `Shaded: the prior ${I.prior_name}'s density of the two shown dimensions (the mixture of its components' ` +
+    "2-d marginals); dashed: where it encloses 39% and 86% of the prior's mass, as a Gaussian's 1 and 2 sigma.";
+  document.querySelectorAll(".prior-name").forEach((el) => { el.textContent = I.prior_name; });
+  if (I.posterior === "full") $("ellipse-note").textContent = "from the full covariance (2×2 block of L Lᵀ), rotated";
   bindControls(); bindMap();
   renderLegend(); renderBase(); renderMap(); renderAggregate();
+  await fetchPair();
   await select(S.map.index[0]);
   document.body.dataset.ready = "1";
 }
@@ -467,6 +588,11 @@ window.vaelens = {
   state: S,
   pointOnCanvas: (k) => toScreen(S.map.mu[k][S.dimX], S.map.mu[k][S.dimY]),
   latentOnCanvas: (u, v) => toScreen(u, v),
+  // the k-sigma ellipse of a 2x2 covariance [var x, cov xy, var y] centred at (u, v) as the map draws it
+  ellipseOnCanvas: (u, v, c, k) => {
+    const V = S.view, [x, y] = toScreen(u, v);
+    return { x, y, ...screenEllipse(u, v, c, k, V.w / (V.x[1] - V.x[0]), V.h / (V.y[1] - V.y[0])) };
+  },
 };
 
 main();
