@@ -204,3 +204,41 @@ def test_parquet_shards_read_by_row_group_give_the_npy_rows(tmp_path):
     assert (src.n, src.p) == (300, 64) and src.feature_names[:2] == ["f0", "f1"]
     np.testing.assert_array_equal(src.read(0, 300), X)  # across row groups and files
     np.testing.assert_array_equal(src.read(139, 161), X[139:161])
+
+
+def test_streamed_encode_writes_chunks_that_equal_the_in_memory_output(tmp_path, monkeypatch):
+    # issue 20 item 2: a table that streams is encoded STREAM_CHUNK rows at a time through chunked.RowWriter.
+    # mu and sigma do not depend on the chunking (aligned with VAE.encode's batches), so they are equal exactly;
+    # z is drawn per chunk with the seed (--seed, chunk), so it differs from the in-memory draw, but not with
+    # the number of ranks (checked by assembling two ranks' parts, as under torchrun)
+    from vaelens import chunked
+    from vaelens.commands import encode
+
+    run = tmp_path / "run"
+    cli("train", "--epochs", "1", "--hidden", "16", "--latent-dim", "2", "--out", run, "--no-progress", check_rc=0)
+    X = np.tile(data.load_digits().X, (6, 1))  # 9000 rows: 2 chunks of 8192 rows, the second short
+    np.save(tmp_path / "x.npy", X)
+    for mode, limit in (("mem", 10 ** 12), ("stream", 1000)):
+        monkeypatch.setattr(stream, "AUTO_STREAM_BYTES", limit)
+        for ext in (".npz", ".parquet"):
+            cli("encode", run, "--data", tmp_path / "x.npy", "--samples", "2", "--out", tmp_path / f"{mode}{ext}",
+                check_rc=0)
+    a, b = np.load(tmp_path / "mem.npz"), np.load(tmp_path / "stream.npz")
+    assert sorted(a.keys()) == sorted(b.keys()) == ["index", "mu", "sigma", "z"]
+    for k in ("index", "mu", "sigma"):
+        np.testing.assert_array_equal(a[k], b[k])
+    assert b["z"].shape == (9000, 2, 2) and not np.array_equal(a["z"], b["z"])
+    pq = pytest.importorskip("pyarrow.parquet")
+    ta, tb = pq.read_table(tmp_path / "mem.parquet"), pq.read_table(tmp_path / "stream.parquet")
+    assert ta.schema == tb.schema and ta.column("mu_1").equals(tb.column("mu_1"))
+    # two ranks' parts, assembled by rank 0 in rank order, give the one-process file
+    out = tmp_path / "two.npz"
+    writers = [chunked.RowWriter(out, r, 2) for r in range(2)]
+    for r, w in enumerate(writers):
+        for c in chunked.chunk_range(len(b["mu"]), 3000, r, 2):
+            w.write({k: b[k][c * 3000:(c + 1) * 3000] for k in b.keys()})
+    assert writers[1].finish() == 6000 and writers[0].finish() == 9000  # chunks [0, 1) and [1, 3)
+    two = np.load(out)
+    assert all(np.array_equal(two[k], b[k]) for k in b.keys())
+    assert not [p for p in tmp_path.iterdir() if ".part" in p.name]  # the parts are gone
+    assert encode.STREAM_CHUNK % 4096 == 0
