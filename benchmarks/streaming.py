@@ -3,7 +3,8 @@
 1. Generates BIG.npy, a float32 table of --rows x --features (default 4M x 64 = 1 GB) from a linear-Gaussian
    model, written in chunks (the generator never holds it).
 2. Peak RSS of `vaelens train --data BIG.npy` (auto: streamed, as the table exceeds 512 MiB), measured with
-   /usr/bin/time -v when present, else getrusage(RUSAGE_CHILDREN).ru_maxrss; checked against --budget-gb.
+   /usr/bin/time -v when present, else getrusage(RUSAGE_CHILDREN).ru_maxrss; checked against --budget-gb;
+   then of `vaelens encode` of the same table with the trained run (chunked output).
 3. Samples/s of the streaming path against the in-memory path on the same data that fits (the first
    --fit-rows rows), same model and batch; the steady epoch (the last one) of each, runs interleaved.
 4. A 2-process run (torchrun, gloo) streaming the same fitting file: samples/s over both ranks.
@@ -144,6 +145,10 @@ def main(argv=None) -> int:
         res["big"] = {"peak_rss_gb": round(rss, 3), "under_budget": rss < a.budget_gb, "seconds": round(secs, 1),
                       "samples_per_s": round(rec["samples_per_s"]), "val_loss": rec["val_loss"]}
         print(f"big: {res['table_gb']} GB table, peak RSS {rss:.3f} GB (budget {a.budget_gb}), {secs:.0f} s", flush=True)
+        rss, secs, _ = peak_rss_run(vaelens("encode", work / "big", "--data", big, "--out", work / "big-post.npz"))
+        res["encode"] = {"peak_rss_gb": round(rss, 3), "seconds": round(secs, 1),
+                         "output_gb": round((work / "big-post.npz").stat().st_size / 1e9, 3)}
+        print(f"encode: peak RSS {rss:.3f} GB, {secs:.0f} s", flush=True)
     write_table(small, a.fit_rows, a.features, seed=1)
     if "speed" not in skip:
         speed = {"stream": [], "memory": []}

@@ -39,6 +39,7 @@ from . import data as data_mod
 from . import shards
 from .config import RunConfig, Transform
 from .errors import ConfigError, DataError
+from .train_parts import VAL_SEED_OFFSET as _VAL_SEED_OFFSET
 
 # --stream auto streams a table whose float32 copy is larger than this, and loads a smaller one: a fixed
 # size, not a share of this machine's memory, so the same command trains the same model on every machine.
@@ -46,7 +47,6 @@ AUTO_STREAM_BYTES = 512 << 20
 # Held-out blocks up to this size (float32) are read once and kept, as the in-memory path keeps its
 # validation rows; larger ones are read again at every validation pass.
 VAL_IN_MEMORY_BYTES = 64 << 20
-_VAL_SEED_OFFSET = 7_919  # as vaelens.train: held-out rows are binarized with seed + this
 
 
 def _rng(*ints: int) -> np.random.Generator:

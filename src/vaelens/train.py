@@ -34,9 +34,9 @@ from .model import VAEModule, flush_denormals
 from .train_parts import (SignalStop, bf16_autocast, binarize_dynamic, build_optimizer, build_scheduler,  # noqa: F401
                           check_weights, diverged_message, last_checkpoint, resolve_device,
                           validation_terms, validation_terms_of)
+from .train_parts import VAL_SEED_OFFSET as _VAL_SEED_OFFSET
 from .train_parts import epoch_seed as _epoch_seed
 
-_VAL_SEED_OFFSET = 7_919  # validation noise is seeded apart from the training stream
 VAL_ROWS = 1024  # validation rows scored per epoch, a small set's repeated (`_val_draws`)
 
 

@@ -20,6 +20,9 @@ from .config import RunConfig
 from .errors import ConfigError, TrainingDiverged
 from .model import VAEModule, seeded
 
+VAL_SEED_OFFSET = 7_919  # validation noise (and a held-out set's binarization) is seeded apart from the training stream
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
