@@ -4,10 +4,9 @@ flag added), ending with the uninterrupted run's weights bit for bit (two gloo r
 
 import json
 import subprocess
-import sys
 
 import torch
-from _helpers import torchrun, torchrun_cmd
+from _helpers import torchrun_cmd
 
 # A test hook, not part of vaelens: SIGKILL rank 1 from inside its optimizer step KILL_AT_STEP, on the first
 # attempt only (torchrun numbers the attempts in TORCHELASTIC_RESTART_COUNT), so the kill lands at the same
@@ -38,7 +37,6 @@ ARGS = ["train", "--epochs", "2", "--hidden", "32", "--latent-dim", "3", "--batc
 def test_killed_rank_is_restarted_and_the_run_ends_with_the_uninterrupted_weights(tmp_path):
     from safetensors.torch import load_file
 
-    torchrun(*ARGS, "--out", tmp_path / "ref")
     script = tmp_path / "kill_at_step.py"
     script.write_text(_KILL_AT_STEP)
     run = tmp_path / "cut"
@@ -48,7 +46,13 @@ def test_killed_rank_is_restarted_and_the_run_ends_with_the_uninterrupted_weight
     cmd[3:3] = ["--max-restarts=1", "--monitor-interval=0.1"]
     # (dist.setup keeps each attempt's rendezvous keys apart: without that this failed 3 runs in 4 here with
     # "Gloo connectFullMesh failed ... Connection refused", a restarted rank reading a killed one's address)
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    ref_cmd, ref_env = torchrun_cmd(*ARGS, "--out", tmp_path / "ref")
+    # both at once: much of each is waiting (imports, rendezvous, the restart), which overlaps
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e)
+             for c, e in ((ref_cmd, ref_env), (cmd, env))]
+    (ref_out, ref_err), (out, err) = (q.communicate(timeout=300) for q in procs)
+    assert procs[0].returncode == 0, ref_out + ref_err
+    p = subprocess.CompletedProcess(cmd, procs[1].returncode, out, err)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "resumed at epoch 1 after torchrun restart 1" in p.stdout, p.stdout + p.stderr
     resumes = json.loads((run / "resumes.json").read_text())
