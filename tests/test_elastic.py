@@ -64,3 +64,37 @@ def test_killed_rank_is_restarted_and_the_run_ends_with_the_uninterrupted_weight
     ref, cut = ([[json.loads(line)[k] for k in keys] for line in (d / "metrics.jsonl").read_text().splitlines()]
                 for d in (tmp_path / "ref", run))
     assert ref == cut and len(ref) == 2
+
+
+def test_restart_detection_continues_starts_again_or_refuses(tmp_path, monkeypatch):
+    # What a restarted worker decides, in one process: torchrun's restart count in the environment, the same
+    # command line as the first attempt
+    import shutil
+
+    from _helpers import cli
+
+    from vaelens import checkpoint as ck
+
+    tiny = ["train", "--epochs", "2", "--hidden", "16", "--latent-dim", "2", "--limit", "200", "--no-progress",
+            "--checkpoint-every", "0"]
+    run = tmp_path / "run"
+    cli(*tiny, "--out", run, check_rc=0)
+    before = (run / ck.WEIGHTS).read_bytes()
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    # a checkpoint: continue from it (here the last one, so nothing is left to train), no refusal of --out
+    p = cli(*tiny, "--out", run, check_rc=0)
+    assert "resumed at epoch 2 after torchrun restart 1" in p.stdout
+    assert (run / ck.WEIGHTS).read_bytes() == before
+    # no checkpoint yet (the first attempt died before its first one): start the run again
+    shutil.rmtree(run / ck.CKPT_DIR)
+    (run / ck.SUMMARY).unlink()
+    (run / ck.WEIGHTS).unlink()
+    p = cli(*tiny, "--out", run, check_rc=0)
+    assert "resumed" not in p.stdout and "epochs 2" in p.stdout
+    # files vaelens did not write, or no --out to find the run by: refused in one line
+    shutil.rmtree(run / ck.CKPT_DIR)
+    (run / "notes.txt").write_text("mine")
+    p = cli(*tiny, "--out", run, check_rc=2)
+    assert "holds no checkpoint and files vaelens did not write" in p.stderr
+    p = cli(*tiny, check_rc=2)
+    assert "a restarted run needs the run directory named with --out" in p.stderr

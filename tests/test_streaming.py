@@ -204,6 +204,14 @@ def test_parquet_shards_read_by_row_group_give_the_npy_rows(tmp_path):
     assert (src.n, src.p) == (300, 64) and src.feature_names[:2] == ["f0", "f1"]
     np.testing.assert_array_equal(src.read(0, 300), X)  # across row groups and files
     np.testing.assert_array_equal(src.read(139, 161), X[139:161])
+    # trained on through the CLI: the feature columns are saved with the run, as for a table read whole
+    run = tmp_path / "run"
+    args = ["train", "--data", tmp_path / "p*.parquet", "--label-column", "label", "--stream", "on", "--block-rows",
+            "32", "--epochs", "1", "--hidden", "8", "--latent-dim", "2", "--no-progress"]
+    assert "streamed in blocks of 32 rows" in cli(*args, "--out", run, check_rc=0).stdout
+    assert ck.load_config(run).data.feature_columns == tuple(f"f{j}" for j in range(64))
+    p = cli(*args, "--report", "--out", tmp_path / "run2", check_rc=2)
+    assert "--report needs the training data in memory, and this run streams it" in p.stderr
 
 
 def test_streamed_encode_writes_chunks_that_equal_the_in_memory_output(tmp_path, monkeypatch):

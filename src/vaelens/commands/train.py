@@ -240,7 +240,7 @@ def _elastic(args) -> Optional[Path]:
     if ck.checkpoint_candidates(args.out):
         return args.out
     if args.out.is_dir() and any(args.out.iterdir()):
-        if any(p.name not in _EARLY_FILES for p in args.out.iterdir()):
+        if any(p.name not in _EARLY_FILES | {_resume.RESUMES} for p in args.out.iterdir()):
             raise VaelensError(f"torchrun restarted the workers; {args.out} holds no checkpoint and files vaelens "
                                f"did not write, so it is left as it is")
         args.force = True  # what the first attempt wrote before its first checkpoint: start again
