@@ -198,10 +198,12 @@ def test_parquet_shards_read_by_row_group_give_the_npy_rows(tmp_path):
     X = data.load_digits().X[:300]
     for i in range(2):
         part = X[i * 150:(i + 1) * 150]
-        t = pa.table({f"f{j}": part[:, j] for j in range(X.shape[1])} | {"label": np.arange(150)})
+        t = pa.table({f"f{j}": part[:, j] for j in range(X.shape[1])} | {"label": np.arange(150), "id": np.arange(150)})
         pq.write_table(t, tmp_path / f"p{i}.parquet", row_group_size=40)
     src = shards.open_shards(str(tmp_path / "p*.parquet"), label_column="label")
-    assert (src.n, src.p) == (300, 64) and src.feature_names[:2] == ["f0", "f1"]
+    assert (src.n, src.p) == (300, 64) and src.feature_names[:2] == ["f0", "f1"]  # without label and id
+    assert src.notes == [f"{tmp_path / 'p0.parquet'}: left out column(s) id, named like row identifiers; "
+                         f"--keep-id-columns uses them"]
     np.testing.assert_array_equal(src.read(0, 300), X)  # across row groups and files
     np.testing.assert_array_equal(src.read(139, 161), X[139:161])
     # trained on through the CLI: the feature columns are saved with the run, as for a table read whole

@@ -79,7 +79,7 @@ class ParquetShard:
     """A .parquet file: its numeric columns (or `columns`), read a row group at a time; the last group read
     is kept, as a block is usually a small part of one."""
 
-    def __init__(self, path: Path, columns=None, label_column=None):
+    def __init__(self, path: Path, columns=None, label_column=None, keep_id_columns=False):
         from .commands._common import require_pyarrow
 
         pa, pq = require_pyarrow()
@@ -95,8 +95,16 @@ class ParquetShard:
                 raise DataError(f"{self.path}: no column(s) {', '.join(missing)}; it has {', '.join(schema.names)}")
             names = list(columns)
         else:
+            from .tables import ID_NAMES
+
             names = [f.name for f in schema if f.name != label_column
                      and (pa.types.is_integer(f.type) or pa.types.is_floating(f.type))]
+            # named like row identifiers: left out, as a table read whole leaves them out (by name only here:
+            # the whole-table reader also spots consecutive integers, which needs every value)
+            ids = [] if keep_id_columns else [c for c in names if c.lower() in ID_NAMES or c.lower().endswith("_id")]
+            names = [c for c in names if c not in ids]
+            self.notes = [f"{self.path}: left out column(s) {', '.join(ids)}, named like row identifiers; "
+                          f"--keep-id-columns uses them"] if ids else []
         if not names:
             raise DataError(f"{self.path}: no numeric columns")
         self.feature_names = names
@@ -244,7 +252,7 @@ def is_shard_spec(path: str) -> bool:
     return p.is_dir() or glob.has_magic(path) or p.suffix.lower() in SUFFIXES
 
 
-def open_shards(spec: str, columns=None, label_column=None) -> ShardSet:
+def open_shards(spec: str, columns=None, label_column=None, keep_id_columns: bool = False) -> ShardSet:
     """The shards a --data path names: a folder (its .npy/.parquet files, names sorted), a glob pattern
     (matches sorted), or one file. Reads headers and Parquet footers only."""
     p = Path(spec).expanduser()
@@ -260,8 +268,9 @@ def open_shards(spec: str, columns=None, label_column=None) -> ShardSet:
         raise DataError(f"{p}: no such file")
     else:
         files = [p]
-    shards = [NpyShard(f) if f.suffix.lower() == ".npy" else ParquetShard(f, columns, label_column) for f in files]
-    return ShardSet(shards, name=spec)
+    shards = [NpyShard(f) if f.suffix.lower() == ".npy" else ParquetShard(f, columns, label_column, keep_id_columns)
+              for f in files]
+    return ShardSet(shards, name=spec, notes=list(getattr(shards[0], "notes", [])))
 
 
 def from_dataset(ds: data_mod.Dataset) -> ShardSet:

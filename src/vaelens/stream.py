@@ -66,7 +66,8 @@ def choose(cfg: RunConfig) -> Optional[shards.ShardSet]:
     several = Path(d.path).is_dir() or glob.has_magic(d.path)
     if cfg.train.stream == "off" and not several:
         return None
-    src = shards.open_shards(d.path, columns=d.columns or d.feature_columns, label_column=d.label_column)
+    src = shards.open_shards(d.path, columns=d.columns or d.feature_columns, label_column=d.label_column,
+                             keep_id_columns=d.keep_id_columns)
     if d.limit is not None:
         src = src.limit(d.limit)
     return src if several or streams(cfg, src) else None
