@@ -38,6 +38,8 @@ OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("constant", "cosine", "exponential", "plateau")
 BINARIZE = ("none", "static", "dynamic")
 DEVICES = ("auto", "cpu", "cuda")
+STREAM = ("auto", "on", "off")
+MAX_BLOCK_ROWS = 10 ** 7
 MISSING = ("error", "drop")
 MISSING_LABEL = ("error", "drop", "keep")
 LABEL_KINDS = ("int", "float", "str")
@@ -235,6 +237,15 @@ class TrainConfig:
     seed: int = _opt(0, "random seed", group="training")
     device: str = _opt("auto", "auto picks cuda when available", choices=DEVICES, group="training")
     bf16: bool = _opt(False, "bf16 autocast for training (CUDA, or a CPU with native bf16)", group="training")
+    # How a table larger than memory is read (vaelens.stream, docs/streaming.md); the order of the rows,
+    # and so the weights, depend on them, which is why they are training options saved with the run.
+    stream: str = _opt("auto", "read the training data in blocks instead of loading it: auto does so for a "
+                               ".npy/.parquet file, folder or glob of shards over 512 MiB as float32",
+                       choices=STREAM, group="streaming")
+    block_rows: int = _opt(1024, "rows per block of streamed data (the unit of shuffling, sharing among "
+                                 "processes and held-out validation)", group="streaming", metavar="N")
+    shuffle_window: int = _opt(32, "streamed rows are shuffled within windows of this many blocks (memory: two "
+                                   "windows)", group="streaming", metavar="BLOCKS")
 
     def validate(self, prefix: str = "train") -> None:
         # inf and nan pass the range checks below (inf > 0; nan < 0 is False) and make training diverge
@@ -246,6 +257,8 @@ class TrainConfig:
         _positive_int(f"{prefix}.epochs", self.epochs)
         _positive_int(f"{prefix}.batch_size", self.batch_size)
         _positive_int(f"{prefix}.iw_samples", self.iw_samples)
+        _positive_int(f"{prefix}.block_rows", self.block_rows, MAX_BLOCK_ROWS)
+        _positive_int(f"{prefix}.shuffle_window", self.shuffle_window, MAX_BLOCK_ROWS)
         if not self.lr > 0:
             raise ConfigError(f"{prefix}.lr must be > 0, got {self.lr}")
         _check_choices(self, prefix)

@@ -46,7 +46,17 @@ def setup(device: torch.device) -> DistInfo:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(info.local_rank)
-        tdist.init_process_group(backend=backend)
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        if restart == "0":
+            tdist.init_process_group(backend=backend)
+        else:
+            # After torchrun restarted the workers (--max-restarts), the store still holds the addresses the
+            # killed attempt's ranks published; a rank that read one of those would wait on a dead peer
+            # ("Gloo connectFullMesh failed ... Connection refused", seen with static and c10d rendezvous).
+            # Each attempt's keys under a prefix of their own keep the attempts apart.
+            store, rank, world = next(tdist.rendezvous("env://"))
+            tdist.init_process_group(backend=backend, store=tdist.PrefixStore(f"vaelens-attempt-{restart}", store),
+                                     rank=rank, world_size=world)
     return info
 
 

@@ -1,21 +1,18 @@
 """The training loop.
 
-The whole training set lives in one tensor on the training device; each epoch draws a
+A training set that fits lives in one tensor on the training device; each epoch draws a
 seeded permutation and slices batches from it, so there is no DataLoader or per-sample
-Python work. Randomness is a function of (seed, epoch, rank): resuming from a checkpoint,
-or running under torchrun, reproduces the same shuffles and binarizations.
+Python work. One that does not is read in blocks (`vaelens.stream`), and the loop takes its
+batches in the same place. Randomness is a function of (seed, epoch, rank): resuming from a
+checkpoint, or running under torchrun, reproduces the same shuffles and binarizations.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import signal
 import sys
-import threading
 import time
-import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
@@ -27,14 +24,19 @@ from tqdm import tqdm
 
 from . import checkpoint as ck
 from . import data as data_mod
-from . import dist
+from . import dist, shards, stream
 from .checkpoint import TrainState
 from .config import RunConfig
 from .data import Dataset
 from .errors import CheckpointError, ConfigError, TrainingDiverged
-from .model import VAEModule, flush_denormals, seeded
+from .model import VAEModule, flush_denormals
+# re-exported: callers and tests reach them as vaelens.train.*
+from .train_parts import (SignalStop, bf16_autocast, binarize_dynamic, build_optimizer, build_scheduler,  # noqa: F401
+                          check_weights, diverged_message, last_checkpoint, resolve_device,
+                          validation_terms, validation_terms_of)
+from .train_parts import VAL_SEED_OFFSET as _VAL_SEED_OFFSET
+from .train_parts import epoch_seed as _epoch_seed
 
-_VAL_SEED_OFFSET = 7_919  # validation noise is seeded apart from the training stream
 VAL_ROWS = 1024  # validation rows scored per epoch, a small set's repeated (`_val_draws`)
 
 
@@ -54,32 +56,20 @@ class TrainResult:
     summary: dict = field(default_factory=dict)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device 'cuda' was asked for, but torch sees no CUDA device; use --device cpu")
-    return torch.device(name)
-
-
-def bf16_autocast(device: torch.device):
-    """bf16 autocast for the training step on `device` (CUDA, or a CPU).
-
-    On a CPU without native bf16 arithmetic (AVX-512 BF16 or AMX) bf16 is emulated and slower than
-    float32; it still trains correctly, so this warns instead of refusing.
-    """
-    if device.type == "cpu" and not torch.cpu._is_avx512_bf16_supported() and not torch.cpu._is_amx_tile_supported():
-        warnings.warn("train.bf16: this CPU has no native bf16 arithmetic (AVX-512 BF16 or AMX), so bf16 "
-                      "autocast is emulated and slower than float32; drop --bf16 on this machine")
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-def prepare(cfg: RunConfig, train: Dataset, val: Optional[Dataset] = None):
+def prepare(cfg: RunConfig, train, val: Optional[Dataset] = None):
     """Fill the config from the data (input size, image shape, standardization) and split.
 
     Returns (cfg, X_train, X_val) with arrays already transformed and, for static
-    binarization, binarized. Validates the data against the likelihood.
+    binarization, binarized. Validates the data against the likelihood. `train` is a Dataset, or a
+    `shards.ShardSet` (`stream.choose`): streamed, X_train is a `stream.StreamData` (so it is for a
+    Dataset with --stream on), and a set that is not streamed is loaded here.
     """
+    if isinstance(train, shards.ShardSet):
+        if stream.streams(cfg, train):
+            return stream.prepare_stream(cfg, train, val)
+        train = train.to_dataset()
+    elif cfg.train.stream == "on":
+        return stream.prepare_stream(cfg, shards.from_dataset(train), val)
     X = train.X
     if cfg.data.binarize != "none" and cfg.model.likelihood == "gaussian":
         raise ConfigError("data.binarize needs a bernoulli likelihood, not gaussian")
@@ -112,91 +102,6 @@ def prepare(cfg: RunConfig, train: Dataset, val: Optional[Dataset] = None):
     return cfg, X, X_val
 
 
-def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    return (seed * 1_000_003 + epoch * 10_007 + rank * 101) % (2**63 - 1)
-
-
-def binarize_dynamic(X: torch.Tensor, seed: int, parts: int = 0, out: Optional[torch.Tensor] = None,
-                     chunk_rows: int = 2048) -> torch.Tensor:
-    """x ~ Bernoulli(X) elementwise, drawn in `parts` row blocks on as many threads.
-
-    torch's CPU generator fills a tensor on one thread (about 2-8 ns a number: 0.1-0.4 s for MNIST);
-    seeded blocks drawn in parallel keep the result a function of `seed`. Each block draws its
-    uniforms `chunk_rows` rows at a time into one small buffer and compares them straight into
-    `out` (given: reused, e.g. every epoch): a fresh 188 MB result and its 188 MB of uniforms cost
-    more in page faults than the draw itself. A block's numbers are the same however it is chunked.
-    """
-    out = torch.empty_like(X) if out is None else out
-    if X.device.type != "cpu":
-        g = torch.Generator(device=X.device).manual_seed(seed)
-        return torch.lt(torch.rand(X.shape, generator=g, device=X.device), X, out=out)
-    parts = parts or max(1, min(torch.get_num_threads(), len(X) // 4096, 8))
-    blocks = [(i * len(X) // parts, (i + 1) * len(X) // parts) for i in range(parts)]
-
-    def draw_into(b):
-        lo, hi = blocks[b]
-        g = torch.Generator().manual_seed(seed * 16 + b)
-        u = torch.empty((min(chunk_rows, hi - lo), *X.shape[1:]))
-        for a in range(lo, hi, chunk_rows):
-            n = min(chunk_rows, hi - a)
-            torch.rand((n, *X.shape[1:]), generator=g, out=u[:n])
-            torch.lt(u[:n], X[a:a + n], out=out[a:a + n])
-
-    if parts == 1:
-        draw_into(0)
-    else:
-        with ThreadPoolExecutor(parts) as pool:
-            list(pool.map(draw_into, range(parts)))
-    return out
-
-
-def build_optimizer(cfg: RunConfig, params, device: torch.device):
-    t = cfg.train
-    cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
-    kw = dict(lr=t.lr, weight_decay=t.weight_decay)
-    try:
-        # The fused kernel updates all parameters in one pass: several times faster per step.
-        return cls(params, fused=True, **kw)
-    except (RuntimeError, TypeError, ValueError):
-        return cls(params, **kw)
-
-
-def build_scheduler(cfg: RunConfig, opt):
-    t = cfg.train
-    if t.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t.epochs)
-    if t.schedule == "exponential":
-        return torch.optim.lr_scheduler.ExponentialLR(opt, gamma=t.lr_gamma)
-    if t.schedule == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=t.lr_gamma if t.lr_gamma < 1 else 0.5,
-                                                          patience=max(1, (t.patience or 10) // 3))
-    return None
-
-
-class _SignalStop:
-    """Turn SIGINT/SIGTERM into a flag the loop checks between steps, so it can save first."""
-
-    def __init__(self):
-        self.name: Optional[str] = None
-        self._old = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.name is not None:  # a second signal: stop now
-            signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
-            raise KeyboardInterrupt
-        self.name = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
 @dataclass
 class _Run:
     """What `fit` sets up once and every phase of the loop reads (the state that changes is a TrainState)."""
@@ -209,16 +114,17 @@ class _Run:
     params: list
     opt: torch.optim.Optimizer
     sched: Optional[object]
-    X: torch.Tensor  # this rank's shard of the training set, on the device
+    X: Optional[torch.Tensor]  # this rank's shard of the training set, on the device (None: streamed)
     X_val: Optional[torch.Tensor]
+    stream: Optional[stream.StreamData]  # the training set read in blocks, or None
     batch_size: int  # per rank
-    steps_per_epoch: int
+    steps_per_epoch: int  # of the data in memory; streamed, each epoch's (`_epoch_batches`)
     out: Optional[Path]  # the run directory this process writes (rank 0 only); None: nothing is written
-    stopper: Optional["_SignalStop"]  # None when signals are left alone
+    stopper: Optional["SignalStop"]  # None when signals are left alone
     autocast: object  # bf16 autocast, or a no-op context
 
 
-def fit(cfg: RunConfig, X: np.ndarray, X_val: Optional[np.ndarray] = None, *, run_dir: Optional[Path] = None,
+def fit(cfg: RunConfig, X, X_val: Optional[np.ndarray] = None, *, run_dir: Optional[Path] = None,
         resume: bool = False, progress: Optional[bool] = None,
         on_epoch: Optional[Callable[..., None]] = None, handle_signals: bool = False,
         checkpoint_interval_s: float = 10.0, on_epoch_model: bool = False) -> TrainResult:
@@ -226,9 +132,8 @@ def fit(cfg: RunConfig, X: np.ndarray, X_val: Optional[np.ndarray] = None, *, ru
 
     Parameters
     ----------
-    cfg : RunConfig
-        With model.input_dim set.
-    X : ndarray of shape (n, p)
+    cfg : RunConfig, with model.input_dim set (`prepare`)
+    X : ndarray of shape (n, p), or a `stream.StreamData` (data read in blocks; see `prepare`)
     X_val : ndarray of shape (m, p), optional
         For early stopping and best-checkpoint selection; without it the training loss is used.
     run_dir : Path, optional
@@ -258,12 +163,13 @@ def fit(cfg: RunConfig, X: np.ndarray, X_val: Optional[np.ndarray] = None, *, ru
         while state.epoch < t.epochs:
             epoch, t0 = state.epoch, time.perf_counter()  # the epoch's time includes its shuffle and binarization
             # shuffle and binarize (and seed the epoch's noise, unless resuming within it)
-            perm, X_epoch = _epoch_data(run, epoch, X_epoch, reseed=state.step == 0)
+            batches, n_steps, X_epoch = _epoch_batches(run, epoch, state.step, X_epoch)
             # steps, from where an interrupted epoch stopped
             run.module.train()
             beta = t.beta * min(1.0, (epoch + 1) / t.warmup_epochs) if t.warmup_epochs else t.beta
             sums, kl_dim_sum = _epoch_sums(run, state)
-            interrupted, step, last = _train_steps(run, state, X_epoch, perm, beta, sums, kl_dim_sum, last)
+            with contextlib.closing(batches):  # a streamed epoch's reader thread ends here, however the steps end
+                interrupted, step, last = _train_steps(run, state, batches, n_steps, beta, sums, kl_dim_sum, last)
             if interrupted:  # a signal mid-epoch
                 _save_mid_epoch(run, state, step, sums, kl_dim_sum, last)
                 break
@@ -300,7 +206,7 @@ def fit(cfg: RunConfig, X: np.ndarray, X_val: Optional[np.ndarray] = None, *, ru
     return _finish(run, state, history, stopped_early, interrupted, run_dir)
 
 
-def _set_up(cfg: RunConfig, X: np.ndarray, X_val: Optional[np.ndarray], run_dir: Optional[Path],
+def _set_up(cfg: RunConfig, X, X_val: Optional[np.ndarray], run_dir: Optional[Path],
             handle_signals: bool) -> _Run:
     """Device and ranks, the model (its initial weights a function of the seed alone), optimizer,
     schedule, and this rank's shard of the data on the device."""
@@ -311,23 +217,30 @@ def _set_up(cfg: RunConfig, X: np.ndarray, X_val: Optional[np.ndarray], run_dir:
         device = torch.device("cuda", info.local_rank)
     torch.manual_seed(t.seed)
     module = VAEModule(cfg.model)
-    module.init_prior(X, t.seed)  # the VampPrior's pseudo-inputs at training rows; a resume loads them
+    # the VampPrior's pseudo-inputs at training rows (streamed: among the first K of the seeded order); a resume
+    # loads them
+    streamed = isinstance(X, stream.StreamData)
+    module.init_prior(X.head(cfg.model.components) if streamed and cfg.model.prior == "vamp" else X, t.seed)
     module = module.to(device)
     params = list(module.parameters())
     opt = build_optimizer(cfg, params, device)
     # each rank trains on its own shard; shards are equal so every rank runs the same number of steps
-    n_shard = len(X) // info.world_size
+    n_rows = X.n_train if streamed else len(X)
+    n_shard = n_rows // info.world_size
     if n_shard < 1:
-        raise ConfigError(f"{len(X)} training samples cannot be shared among {info.world_size} processes")
-    shard = np.arange(info.rank, n_shard * info.world_size, info.world_size)
+        raise ConfigError(f"{n_rows} training samples cannot be shared among {info.world_size} processes")
+    if streamed:
+        X.epoch_windows(0, info.rank, info.world_size)  # enough blocks for every process, or say so now
     local_bs = max(1, t.batch_size // info.world_size)
     return _Run(cfg=cfg, device=device, info=info, module=module, model=module, params=params, opt=opt,
-                sched=build_scheduler(cfg, opt),
-                X=torch.as_tensor(np.ascontiguousarray(X[shard]), dtype=torch.float32, device=device),
+                sched=build_scheduler(cfg, opt), stream=X if streamed else None,
+                X=None if streamed else torch.as_tensor(np.ascontiguousarray(
+                    X[np.arange(info.rank, n_shard * info.world_size, info.world_size)]), dtype=torch.float32,
+                    device=device),
                 X_val=None if X_val is None else torch.as_tensor(_val_draws(X_val), dtype=torch.float32, device=device),
                 batch_size=local_bs, steps_per_epoch=max(1, math.ceil(n_shard / local_bs)),
                 out=Path(run_dir) if run_dir is not None and info.is_main else None,
-                stopper=_SignalStop() if handle_signals else None,
+                stopper=SignalStop() if handle_signals else None,
                 autocast=bf16_autocast(device) if t.bf16 else contextlib.nullcontext())
 
 
@@ -371,16 +284,29 @@ def _copy_weights(module: VAEModule) -> dict:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def _epoch_data(run: _Run, epoch: int, X_epoch: Optional[torch.Tensor], reseed: bool):
-    """The epoch's permutation of the shard and its samples, functions of (seed, epoch, rank); with `reseed`
-    the epoch's noise stream starts there too (a resumed mid-epoch run restores its generators instead)."""
+def _epoch_batches(run: _Run, epoch: int, start: int, X_epoch: Optional[torch.Tensor]):
+    """(the epoch's batches from step `start` on, its number of steps, the binarization buffer to reuse).
+
+    The batches follow the epoch's permutation of the shard (in memory) or its block order (streamed), and
+    its samples, functions of (seed, epoch, rank). Starting at step 0 also starts the epoch's noise stream
+    there (a resumed mid-epoch run restores its generators instead).
+    """
     seed = _epoch_seed(run.cfg.train.seed, epoch, run.info.rank)
-    perm = torch.randperm(len(run.X), generator=torch.Generator(device="cpu").manual_seed(seed)).to(run.device)
-    # dynamic binarization: a fresh Bernoulli draw of every pixel each epoch (the standard MNIST protocol)
-    X = binarize_dynamic(run.X, seed + 2, out=X_epoch) if run.cfg.data.binarize == "dynamic" else run.X
-    if reseed:
+    dynamic = run.cfg.data.binarize == "dynamic"
+    if run.stream is not None:
+        info, bs = run.info, run.batch_size
+        n_steps = run.stream.steps(epoch, info.rank, info.world_size, bs)
+        batches = run.stream.batches(epoch, info.rank, info.world_size, bs, start, run.device,
+                                     dyn_seed=seed + 2 if dynamic else None)
+    else:
+        perm = torch.randperm(len(run.X), generator=torch.Generator(device="cpu").manual_seed(seed)).to(run.device)
+        # dynamic binarization: a fresh Bernoulli draw of every pixel each epoch (the standard MNIST protocol)
+        X_epoch = binarize_dynamic(run.X, seed + 2, out=X_epoch) if dynamic else run.X
+        n_steps, bs = run.steps_per_epoch, run.batch_size
+        batches = (X_epoch[perm[step * bs:(step + 1) * bs]] for step in range(start, n_steps))
+    if start == 0:
         torch.manual_seed(seed + 1)
-    return perm, X
+    return batches, n_steps, X_epoch
 
 
 def _epoch_sums(run: _Run, state: TrainState):
@@ -393,9 +319,10 @@ def _epoch_sums(run: _Run, state: TrainState):
     return sums, kl_dim_sum
 
 
-def _train_steps(run: _Run, state: TrainState, X_epoch: torch.Tensor, perm: torch.Tensor, beta: float,
+def _train_steps(run: _Run, state: TrainState, batches, n_steps: int, beta: float,
                  sums: torch.Tensor, kl_dim_sum: torch.Tensor, last):
-    """Epoch `state.epoch`'s optimizer steps from step `state.step`, adding to `sums` and `kl_dim_sum` in place.
+    """Epoch `state.epoch`'s optimizer steps from step `state.step` (`batches`: one per step), adding to `sums`
+    and `kl_dim_sum` in place.
 
     Returns (the signal that stopped the epoch or None, the step to continue from, `last`: (epoch, step,
     terms) of the last completed step). Without clipping the gradient is not checked every step (a norm
@@ -404,23 +331,22 @@ def _train_steps(run: _Run, state: TrainState, X_epoch: torch.Tensor, perm: torc
     step that did it.
     """
     t, model, params, opt, autocast, stopper = run.cfg.train, run.model, run.params, run.opt, run.autocast, run.stopper
-    epoch, bs, n_steps = state.epoch, run.batch_size, run.steps_per_epoch
-    for step in range(state.step, n_steps):
-        xb = X_epoch[perm[step * bs:(step + 1) * bs]]
+    epoch = state.epoch
+    for step, xb in zip(range(state.step, n_steps), batches):
         with autocast:
             loss, terms = model(xb, objective=t.objective, iw_samples=t.iw_samples, beta=beta,
                                 free_bits=t.free_bits, dreg=t.dreg)
         if not torch.isfinite(loss):
             # a non-finite gradient shows here one step late, as weights the optimizer made non-finite
-            _check_weights(params, last, run.out)
-            raise TrainingDiverged(_diverged_message(epoch, step, terms, "loss", run.out))
+            check_weights(params, last, run.out)
+            raise TrainingDiverged(diverged_message(epoch, step, terms, "loss", run.out))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if t.grad_clip:
             # one norm serves the finiteness check and the clipping (no second pass over the gradients)
             gnorm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
             if not torch.isfinite(gnorm):
-                raise TrainingDiverged(_diverged_message(epoch, step, terms, "gradient", run.out))
+                raise TrainingDiverged(diverged_message(epoch, step, terms, "gradient", run.out))
             torch.nn.utils.clip_grads_with_norm_(params, t.grad_clip, gnorm)
         opt.step()
         last = (epoch, step, terms)
@@ -437,7 +363,7 @@ def _end_epoch(run: _Run, state: TrainState, epoch: int, sums: torch.Tensor, kl_
                beta: float, t0: float, last) -> dict:
     """The finished epoch's metrics record: its mean loss terms over every rank's samples. The state no
     longer holds an interrupted epoch's place or sums."""
-    _check_weights(run.params, last, run.out)  # the epoch's last step, before anything is kept or saved
+    check_weights(run.params, last, run.out)  # the epoch's last step, before anything is kept or saved
     state.step, state.sums, state.kl_dim_sum = 0, None, None
     dist.all_reduce_sum(sums)
     dist.all_reduce_sum(kl_dim_sum)
@@ -458,10 +384,19 @@ def _end_epoch(run: _Run, state: TrainState, epoch: int, sums: torch.Tensor, kl_
 def _validate(run: _Run) -> dict:
     """Validation loss and terms, with noise seeded apart from the training stream ({} without validation data)."""
     t = run.cfg.train
+    bs = max(t.batch_size, 1024)
+    if run.stream is not None and run.stream.stream_val:  # held-out blocks too large to keep: read again
+        vt = validation_terms_of(run.module, run.stream.val_batches(bs, run.device), run.device,
+                                 seed=t.seed + _VAL_SEED_OFFSET)
+        return dict(val_loss=-vt["elbo"], val_rec=vt["rec"], val_kl=vt["kl"])
     if run.X_val is None:
         return {}
-    vt = validation_terms(run.module, run.X_val, seed=t.seed + _VAL_SEED_OFFSET, batch_size=max(t.batch_size, 1024))
+    vt = validation_terms(run.module, run.X_val, seed=t.seed + _VAL_SEED_OFFSET, batch_size=bs)
     return dict(val_loss=-vt["elbo"], val_rec=vt["rec"], val_kl=vt["kl"])
+
+
+def _has_val(run: _Run) -> bool:
+    return run.X_val is not None or (run.stream is not None and run.stream.stream_val)
 
 
 def _schedule(sched, monitor: float) -> None:
@@ -510,7 +445,7 @@ def _finish(run: _Run, state: TrainState, history: list, stopped_early: bool, in
     summary = {
         "epochs_run": state.epoch,
         "best_epoch": state.best_epoch,
-        "best_val_loss" if run.X_val is not None else "best_train_loss": state.best_val,
+        "best_val_loss" if _has_val(run) else "best_train_loss": state.best_val,
         "final": {k: v for k, v in last.items() if k != "kl_per_dim"},
         "stopped_early": stopped_early,
         "interrupted": interrupted,
@@ -535,7 +470,7 @@ def _save_mid_epoch(run: _Run, state: TrainState, step: int, sums: torch.Tensor,
     Every rank calls this (gathering the generators and summing the partial sums are collectives);
     rank 0 writes, with the sums of every rank, as it alone saves them.
     """
-    _check_weights(run.params, last, run.out)
+    check_weights(run.params, last, run.out)
     rngs = dist.gather_rng_states(run.device)
     dist.all_reduce_sum(sums)
     dist.all_reduce_sum(kl_dim_sum)
@@ -550,46 +485,4 @@ def _save(run: _Run, state: TrainState, rngs: Optional[dict] = None) -> None:
         ck.save_train_state(run.out, run.module, run.opt, run.sched, state, rngs)
         ck.save_run_weights(run.out, state.best)
     except CheckpointError as e:
-        raise CheckpointError(f"{e}. Training stopped; {_last_checkpoint(run.out)}") from None
-
-
-def _last_checkpoint(run_dir: Path) -> str:
-    """Where a stopped run can be continued from, in words."""
-    found = ck.checkpoint_candidates(run_dir) if run_dir is not None else []
-    if not found:
-        return "no checkpoint was written yet"
-    return f"the last complete checkpoint is {found[0]}; continue with: vaelens train --resume {run_dir}"
-
-
-def _check_weights(params, last, run_dir: Optional[Path]) -> None:
-    """Raise TrainingDiverged, naming the gradient of step `last`, if a weight is no longer finite."""
-    # the largest magnitude, not the 2-norm: squares of huge but finite weights would overflow
-    if last is not None and not torch.isfinite(torch.nn.utils.get_total_norm(params, norm_type=math.inf)):
-        raise TrainingDiverged(_diverged_message(*last, "gradient", run_dir))
-
-
-def _diverged_message(epoch: int, step: int, terms, what: str, run_dir: Optional[Path] = None) -> str:
-    bad = [name for name, v in (("reconstruction", terms.rec), ("KL", terms.kl)) if not torch.isfinite(v).all()]
-    term = f" ({' and '.join(bad)} term)" if bad else (" (both loss terms were finite)" if what == "gradient" else "")
-    found = ck.checkpoint_candidates(run_dir) if run_dir is not None else []
-    kept = (f" The last good checkpoint, {found[0]}, is kept." if found else
-            " No checkpoint had been written yet." if run_dir is not None else "")
-    return (f"training diverged at epoch {epoch + 1}, step {step + 1}: the {what} became non-finite"
-            f"{term}.{kept} Try a lower learning rate (--lr), gradient "
-            f"clipping (--grad-clip 1.0), a larger sigma floor (--sigma-floor), or standardizing the data "
-            f"(--standardize).")
-
-
-@torch.inference_mode()
-def validation_terms(module: VAEModule, X: torch.Tensor, seed: int, batch_size: int = 1024) -> dict:
-    """Mean ELBO terms on X with noise seeded apart from the training stream (eval mode)."""
-    was_training = module.training
-    module.eval()
-    tot = torch.zeros(3, dtype=torch.float64, device=X.device)
-    with seeded(seed, X.device):
-        for i in range(0, len(X), batch_size):
-            tm = module.terms(X[i:i + batch_size])
-            tot += torch.stack([tm.elbo.double().sum(), tm.rec.double().sum(), tm.kl.double().sum()])
-    module.train(was_training)
-    n = len(X)
-    return {"elbo": float(tot[0] / n), "rec": float(tot[1] / n), "kl": float(tot[2] / n)}
+        raise CheckpointError(f"{e}. Training stopped; {last_checkpoint(run.out)}") from None

@@ -120,11 +120,14 @@ def _check_work_left(run_dir: Path, old: RunConfig, new: RunConfig, epochs_given
                            f"--epochs) to train more")
 
 
-def record(run_dir: Path, changes: dict) -> dict:
-    """Apply-and-record: append {at, from_epoch, from_step, changed} to RUN/resumes.json; returns the entry."""
+def record(run_dir: Path, changes: dict, restart: Optional[int] = None) -> dict:
+    """Apply-and-record: append {at, from_epoch, from_step, changed} to RUN/resumes.json; returns the entry.
+    `restart`: torchrun's restart count, for a resume vaelens made itself after workers were restarted."""
     place = _checkpoint_place(run_dir) or (0, 0, 0)
     entry = {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "from_epoch": place[0],
              "from_step": place[1], "changed": changes}
+    if restart is not None:
+        entry["elastic_restart"] = restart
     ck.atomic_write_text(Path(run_dir) / RESUMES, json.dumps(read(run_dir) + [entry], indent=1) + "\n")
     return entry
 
@@ -155,4 +158,5 @@ def add_to_summary(run_dir: Path) -> None:
 def describe(entry: dict) -> str:
     changed = ", ".join(f"{k.split('.')[1]} {_shown(a)} -> {_shown(b)}" for k, (a, b) in entry["changed"].items())
     return (f"resumed at epoch {entry['from_epoch']}" + (f", step {entry['from_step']}" if entry["from_step"] else "")
-            + (f"; changed {changed} (recorded in {RESUMES})" if changed else ""))
+            + (f"; changed {changed} (recorded in {RESUMES})" if changed else "")
+            + (f" after torchrun restart {entry['elastic_restart']}" if entry.get("elastic_restart") else ""))

@@ -7,6 +7,7 @@ The model, training and preprocessing flags are generated from the config datacl
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import sys
 import time
@@ -19,7 +20,7 @@ from .. import advice
 from .. import checkpoint as ck
 from .. import config
 from .. import data as data_mod
-from .. import dist, safeio, tracking
+from .. import dist, safeio, shards, stream, tracking
 from ..config import RunConfig
 from ..errors import ConfigError, TrainingDiverged, VaelensError
 from ..io import check_writable
@@ -193,32 +194,75 @@ class _Plan:
     made: bool = False  # whether this invocation creates the run directory (so may remove it again)
 
 
-def _plan_resume(args, info) -> _Plan:
-    run_dir = args.resume
+def load_data(cfg: RunConfig):
+    """The training data `cfg` names: a Dataset in memory, or a `shards.ShardSet` to stream (`stream.choose`)."""
+    src = stream.choose(cfg)
+    if src is None:
+        return data_mod.load(cfg.data, "train")
+    return src if stream.streams(cfg, src) else src.to_dataset()
+
+
+def restart_count() -> int:
+    """How often torchrun has restarted this worker group (--max-restarts); 0 outside torchrun."""
+    try:
+        return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    except ValueError:
+        return 0
+
+
+def _plan_resume(args, info, run_dir: Optional[Path] = None) -> _Plan:
+    """--resume RUN; or, with `run_dir`, an elastic restart of the run the first attempt started there: its
+    saved config as it is (the flags were for the new run, and made it), recorded as a restart."""
+    restart = run_dir is not None
+    run_dir = args.resume if run_dir is None else run_dir
     cfg = ck.load_config(run_dir)
     check_writable(run_dir, folder=True)
-    cfg, changes = _resume.resumed_config(args, run_dir, cfg)
-    ds = data_mod.load(cfg.data, "train")
+    cfg, changes = (cfg, {}) if restart else _resume.resumed_config(args, run_dir, cfg)
+    ds = load_data(cfg)
     # the run's transform and sizes are kept, so resumed data is prepared exactly as before
     cfg, X, X_val = prepare(cfg, ds)
     entry = {}
     if info.is_main:
         if changes:
             ck.save_config(run_dir, cfg)  # explicitly, and recorded beside it in RUN/resumes.json
-        entry = _resume.record(run_dir, changes)
+        entry = _resume.record(run_dir, changes, restart=restart_count() if restart else None)
     return _Plan([(run_dir, cfg)], ds, {0: (cfg, X, X_val)}, resumed=entry)
+
+
+def _elastic(args) -> Optional[Path]:
+    """After torchrun restarted the workers (a rank died; --max-restarts), the run directory to continue
+    from its newest complete checkpoint, or None to start the run (again: no checkpoint was written)."""
+    if restart_count() == 0 or args.resume is not None:
+        return None
+    if args.out is None or args.seeds:
+        raise VaelensError("torchrun restarted the workers, but a restarted run needs the run directory named "
+                           "with --out (and one run, not --seeds) to continue from its checkpoint")
+    if ck.checkpoint_candidates(args.out):
+        return args.out
+    if args.out.is_dir() and any(args.out.iterdir()):
+        if any(p.name not in _EARLY_FILES | {_resume.RESUMES} for p in args.out.iterdir()):
+            raise VaelensError(f"torchrun restarted the workers; {args.out} holds no checkpoint and files vaelens "
+                               f"did not write, so it is left as it is")
+        args.force = True  # what the first attempt wrote before its first checkpoint: start again
+    return None
 
 
 def _plan(args, info) -> _Plan:
     if args.resume is not None:
         return _plan_resume(args, info)
+    again = _elastic(args)
+    if again is not None:
+        return _plan_resume(args, info, again)
     cfg = train_config(args)
     out = args.out if args.out is not None else default_out(cfg)
     check_run_dir(out, args.force)
     made = not out.exists() or (args.force and any(out.iterdir()))
     seeds = args.seeds or (cfg.train.seed,)
     runs = [(out / f"seed-{s}" if args.seeds else out, cfg.replace(train={"seed": s})) for s in seeds]
-    ds = data_mod.load(cfg.data, "train")
+    ds = load_data(cfg)
+    if args.report and isinstance(ds, shards.ShardSet):
+        raise ConfigError("--report needs the training data in memory, and this run streams it; write the "
+                          "report afterwards on a sample: vaelens report RUN --data SAMPLE.npy")
     # bad data fails here, before an existing run directory is replaced with --force
     prepared = {0: prepare(runs[0][1], ds)}
     if info.is_main and out.exists() and any(out.iterdir()):
@@ -256,7 +300,7 @@ def _after_divergence(run_dir: Path, made: bool, cfg: RunConfig) -> str:
 
 def _fit_one(args, plan: _Plan, run_dir: Path, rcfg: RunConfig, X, X_val, info) -> TrainResult:
     # fit calls on_epoch on rank 0 alone; the logger is a command option, not part of the run's config
-    logger = (tracking.TensorBoardLogger(run_dir, rcfg, X if X_val is None else X_val)
+    logger = (tracking.TensorBoardLogger(run_dir, rcfg, _rows(X) if X_val is None else X_val)
               if getattr(args, "tensorboard", False) else None)
     try:
         with warnings.catch_warnings():
@@ -274,6 +318,12 @@ def _fit_one(args, plan: _Plan, run_dir: Path, rcfg: RunConfig, X, X_val, info) 
             logger.close()
 
 
+def _rows(X, n: int = 5000):
+    """Training rows for the logger's figures and the advice: X itself, or a streamed set's first n rows of its
+    seeded order."""
+    return X.head(n) if isinstance(X, stream.StreamData) else X
+
+
 def run(args) -> TrainOutcome:
     if getattr(args, "tensorboard", False):
         tracking.require_tensorboard()  # before any data is read
@@ -282,7 +332,9 @@ def run(args) -> TrainOutcome:
     ds = plan.ds
     if plan.resumed is None and info.is_main:
         shape = f", images {'x'.join(map(str, ds.image_shape))}" if ds.image_shape else ""
-        print(f"data: {ds.name} ({ds.n} samples, {ds.p} features{shape})", flush=True)
+        how = (f", streamed in blocks of {plan.runs[0][1].train.block_rows} rows"
+               if isinstance(plan.prepared.get(0, (None, None))[1], stream.StreamData) else "")
+        print(f"data: {ds.name} ({ds.n} samples, {ds.p} features{shape}{how})", flush=True)
         common.show_notes(ds)
     outcome = TrainOutcome()
     for i, (run_dir, rcfg) in enumerate(plan.runs):
@@ -296,7 +348,7 @@ def run(args) -> TrainOutcome:
         if info.is_main:
             if plan.resumed:
                 _resume.add_to_summary(run_dir)
-            done.advice = advice.advise(rcfg, result, X, feature_names=ds.feature_names, run_dir=run_dir)
+            done.advice = advice.advise(rcfg, result, _rows(X), feature_names=ds.feature_names, run_dir=run_dir)
             for line in done.advice:
                 _warn(line)
         if args.report and info.is_main:
