@@ -87,7 +87,8 @@ def run(args) -> EncodeResult:
         raise VaelensError(f"--refine must be >= 0 (Adam steps), got {args.refine}")
     if suffix == ".parquet":
         common.require_pyarrow()
-    common.check_output(args.out, args.force)
+    if dist.env_info().is_main:  # rank 0 writes the file; another rank checking after it wrote would refuse
+        common.check_output(args.out, args.force)
     vae = VAE.load(args.run)
     cfg = vae.config_.replace(data=common.data_config(args, base=vae.config_.data))
     src = stream.choose(cfg) if args.split == "train" else None
