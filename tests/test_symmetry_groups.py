@@ -243,3 +243,17 @@ def test_cli_help_names_the_maps_and_the_measures():
         assert word in h
     h = cli("compare", "--help", check_rc=0).stdout
     assert "Procrustes" in h and "meaningful" in h
+
+
+def test_compare_verdict_judges_a_rotation_invariant_model_up_to_a_rotation():
+    # b is a 45-degree rotation of a (plus a little noise): axis by axis they disagree (MCC ~0.7), up to a
+    # rotation they are the same code; the verdict says so only when the model's group calls for it
+    from vaelens.uniqueness import compare
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((2000, 2))
+    c, s = np.cos(np.pi / 4), np.sin(np.pi / 4)
+    b = a @ np.array([[c, -s], [s, c]]).T + 0.01 * rng.standard_normal((2000, 2))
+    cmp = compare(a, b)
+    assert cmp.mcc_pearson < 0.9 and cmp.procrustes_mcc > 0.99
+    assert cmp.verdict(measure="procrustes").startswith("same code up to a rotation")
+    assert not cmp.verdict().startswith("same code up to a rotation")

@@ -213,11 +213,19 @@ class Comparison:
     unmatched_a: np.ndarray
     unmatched_b: np.ndarray
 
-    def verdict(self, threshold: float = 0.9) -> str:
-        """One line: identical up to signed permutation, up to a linear map, or different."""
+    def verdict(self, threshold: float = 0.9, measure: str = "mcc") -> str:
+        """One line: identical up to signed permutation, up to a rotation, up to a linear map, or different.
+
+        `measure` "procrustes" (a model whose group is the orthogonal maps, see `expected_agreement`)
+        judges agreement up to a rotation by the Procrustes-aligned MCC before the axis-by-axis one.
+        """
         if len(self.pairs) == 0:
             return "no active latents to compare"
         r2 = min(self.r2_ab, self.r2_ba)
+        if measure == "procrustes" and self.procrustes_mcc >= threshold and r2 >= threshold \
+                and self.mcc_pearson < threshold:
+            return (f"same code up to a rotation (Procrustes MCC {self.procrustes_mcc:.3f} >= {threshold}, R^2 "
+                    f"{r2:.3f}), as this model's symmetry group allows")
         if self.mcc_pearson >= threshold and r2 >= threshold:
             return f"same code up to a signed permutation (MCC {self.mcc_pearson:.3f} >= {threshold})"
         if r2 >= threshold:

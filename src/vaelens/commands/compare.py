@@ -74,7 +74,8 @@ class CompareResult(Result):
                    + (f"; active but unmatched: run {a} {c.unmatched_a.tolist()}, run {b} {c.unmatched_b.tolist()}"
                       if len(c.unmatched_a) or len(c.unmatched_b) else ""))
         out.append(f"expected: {self.expected['line']}")
-        out.append(f"verdict: {c.verdict()}" + (" (worst pair)" if len(self.pairs) > 1 else ""))
+        out.append(f"verdict: {c.verdict(measure=self.expected['measure'])}"
+                   + (" (worst pair)" if len(self.pairs) > 1 else ""))
         if self.expected["measure"] == "procrustes":
             worst = min(self.pairs, key=lambda p: p[2].procrustes_mcc)[2]
             out.append(f"  up to a rotation, the measure this model's group makes meaningful: Procrustes MCC "
