@@ -1,4 +1,9 @@
-"""`vaelens evaluate`: ELBO, IWAE log-likelihood, active units, I(x; z) and aggregate KL of a run."""
+"""`vaelens evaluate`: ELBO, IWAE log-likelihood, active units, I(x; z) and aggregate KL of a run.
+
+Data that `vaelens train` would stream (`vaelens.stream.choose`: a .npy/.parquet file over 512 MiB, or a
+folder/glob of shards over it) is evaluated chunk by chunk (`vaelens.evaluate_stream`), memory independent of
+the row count; I(x; z) and the aggregate KL then come from a seeded subsample of rows (docs/streaming.md).
+"""
 
 from __future__ import annotations
 
@@ -7,12 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 from .. import data as data_mod
-from .. import dist
+from .. import dist, shards, stream
 from ..api import VAE
 from ..config import DEVICES
+from ..evaluate_stream import evaluate_stream
 from ..errors import VaelensError
 from ..train import resolve_device
 from . import _common as common
@@ -91,6 +98,11 @@ class EvaluateResult(Result):
         out += [f"  {name:{w}s} {v:12.4f} {se_cell(se)}  {unit}" for name, v, se, unit in rows]
         out.append(f"  {'active units':{w}s} {r['active_units']:>12d} {'':8s}  of {r['latent_dim']} "
                    f"(Cov_x E_q[z_u] > {r['active_threshold']:g})")
+        if r.get("streamed"):
+            s = r["streamed"]
+            out.append(f"  streamed in chunks of {s['chunk_rows']} rows; I(x; z) and the aggregate KL on "
+                       + ("all rows" if s["aggregate_rows"] == r["n"] else
+                          f"a subsample of {s['aggregate_rows']} rows (seeded by --seed)"))
         out.append(f"  {'dim':>5s} {'KL':>10s} {'activity':>10s}")
         out += [f"  {j:5d} {kl:10.4f} {act:10.4f}{'  active' if act > r['active_threshold'] else ''}"
                 for j, (kl, act) in enumerate(zip(r["kl_per_dim"], r["activity"]))]
@@ -131,14 +143,21 @@ def run(args) -> EvaluateResult:
     vae = VAE.load(args.run, device=str(device))
     cfg = common.data_config(args, base=vae.config_.data)
     split = evaluation_split(args, cfg)
-    ds = data_mod.load(cfg, split or "train")  # a file's "train" split is the whole file
-    if info.is_main:
-        common.show_notes(ds)
-    X = common.first_rows(ds.X, args.limit)
-    ev = vae.evaluate(X, iw_samples=args.iw_samples, seed=args.seed, distributed=True,
-                      progress=not args.no_progress and sys.stderr.isatty(), batch_size=args.batch_size)
-    r = ev.to_dict(per_sample=args.per_sample)
-    r.update(run=str(args.run), data=ds.name, split=split, binarized=vae.binarized_,
+    src = stream.choose(vae.config_.replace(data=cfg)) if split in (None, "train") else None
+    if src is not None and args.limit is not None:
+        src = src.limit(args.limit)
+    progress = not args.no_progress and sys.stderr.isatty()
+    if src is not None and stream.streams(vae.config_, src):
+        r, name = _evaluate_streamed(args, vae, src, info, progress), src.name
+    else:
+        ds = data_mod.load(cfg, split or "train") if src is None else src.to_dataset()  # a file's "train": all of it
+        if info.is_main:
+            common.show_notes(ds)
+        X = common.first_rows(ds.X, args.limit)
+        ev = vae.evaluate(X, iw_samples=args.iw_samples, seed=args.seed, distributed=True, progress=progress,
+                          batch_size=args.batch_size)
+        r, name = ev.to_dict(per_sample=args.per_sample), ds.name
+    r.update(run=str(args.run), data=name, split=split, binarized=vae.binarized_,
              seed=args.seed, processes=info.world_size, space=data_mod.figure_space(vae.config_))
     m = vae.config_.model
     if not m.factorized:  # the default's JSON stays as it was
@@ -149,3 +168,25 @@ def run(args) -> EvaluateResult:
         r.update(log_jacobian=shift, elbo_data_units=r["elbo"] + shift,
                  log_likelihood_data_units=None if r["log_likelihood"] is None else r["log_likelihood"] + shift)
     return EvaluateResult(r, json_out)
+
+
+def _evaluate_streamed(args, vae, src, info, progress: bool) -> dict:
+    """Data that `vaelens train` would stream (`stream.choose`), evaluated chunk by chunk with memory
+    independent of n (`vaelens.evaluate_stream`). A binarized run binarizes chunk c with the seed (--seed, c),
+    as `vaelens encode` does, so its figures differ from the in-memory binarization's."""
+    if args.per_sample:
+        raise VaelensError(f"--per-sample would hold every row's values of {src.name} ({src.n} rows, streamed) in "
+                           f"the JSON; evaluate fewer rows (--limit) or without --per-sample")
+    if args.batch_size is not None:
+        raise VaelensError("--batch-size applies to data in memory; streamed data is evaluated in whole batches "
+                           "of the automatic size")
+    shards.scan(src, vae.config_.model.likelihood)  # bad rows named by shard file and row, before any work
+    if info.is_main:
+        common.show_notes(src)
+
+    def read(lo: int, hi: int, c: int):
+        seed = int(np.random.SeedSequence([args.seed, c]).generate_state(1)[0])
+        return vae.model_input(src.read(lo, hi), seed)
+
+    return evaluate_stream(vae.module_, read, src.n, src.p, args.iw_samples, seed=args.seed, progress=progress,
+                           distributed=True)
