@@ -230,9 +230,7 @@ def iwae_log_likelihood(module: VAEModule, X: ArrayLike, k: int = 5000, *, chunk
         Under torchrun, every rank computes a contiguous share of the rows and all ranks get the
         whole result in row order; every rank must call with the same X. Ignored outside torchrun.
     row_offset : int
-        The global number of X's first row when X is a chunk of a larger table (streamed evaluation):
-        row i draws from the generator of row `row_offset` + i, so a chunk's estimates are the
-        whole table's rows.
+        X's first row's number when X is a chunk of a table (streamed): row i draws as row row_offset + i.
 
     Returns
     -------
@@ -253,9 +251,7 @@ def iwae_log_likelihood(module: VAEModule, X: ArrayLike, k: int = 5000, *, chunk
     if batch_size < 1 or chunk_size < 1:
         raise ConfigError(f"batch_size and chunk_size must be >= 1, got {batch_size}, {chunk_size}")
     chunk_size = min(k, -(-chunk_size // EPS_BLOCK) * EPS_BLOCK)
-    bar = None
-    if progress:
-        bar = tqdm(total=stop - start, desc=f"IWAE k={k}", unit="sample", dynamic_ncols=True)
+    bar = tqdm(total=stop - start, desc=f"IWAE k={k}", unit="sample", dynamic_ncols=True) if progress else None
     out = [torch.empty(0, dtype=torch.float64, device=x_all.device)]
     module.eval()
     with torch.inference_mode():
