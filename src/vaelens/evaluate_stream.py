@@ -6,10 +6,10 @@ means and standard errors of the ELBO terms and of log p(x), the per-dimension K
 
 * log p(x): each row draws from the generator of its global row number (`row_offset`);
 * ELBO terms: one seeded generator runs through all chunks, as through all of `elbo_terms`' batches;
-* chunks are whole multiples of the in-memory batches (ELBO, IWAE, encoder), so every decoder call sees
-  the same rows. Where that multiple would be too large (an IWAE batch that shares no factor with 4096),
-  chunks align with the ELBO and encoder batches only, and log p(x) equals the in-memory rows to float32
-  rounding (summation order).
+* chunks are whole multiples of the in-memory batches (ELBO, encoder, IWAE), so every call sees the same
+  rows. Where that multiple would be too large (a batch that shares few factors with the others, e.g. the
+  IWAE's 163 rows for k = 50), chunks align with the ELBO's batches (whose draws depend on them) and the
+  others they can, and the rest equal the in-memory values to float32 rounding (summation order).
 
 I(x; z) and KL(q(z) || p(z)) need every row's q(z|x) at once; a stream computes them on a seeded subsample
 of `aggregate_rows` rows (all rows when n is no larger, then equal to the in-memory figures), and says so.
@@ -34,10 +34,13 @@ _MAX_CHUNK = 1 << 16  # largest chunk when aligning with every batch size
 
 
 def chunk_rows(module: VAEModule, n: int, iw_samples: int, elbo_samples: int) -> int:
-    """Rows per chunk: about STREAM_CHUNK, a multiple of every in-memory batch that draws or rounds."""
-    step = math.lcm(4096, ev.elbo_batch(module, elbo_samples))
-    full = math.lcm(step, ev.iwae_batch(module, n, iw_samples)) if iw_samples else step
-    step = full if full <= _MAX_CHUNK else step
+    """Rows per chunk: about STREAM_CHUNK, a multiple of the ELBO's batch (its draws follow the batches), and
+    of the encoder's and the IWAE's batches (they change only float32 rounding) while that stays within
+    `_MAX_CHUNK` rows."""
+    step = ev.elbo_batch(module, elbo_samples)  # at most 4096
+    for b in (4096, ev.iwae_batch(module, n, iw_samples) if iw_samples else 1):
+        if math.lcm(step, b) <= _MAX_CHUNK:
+            step = math.lcm(step, b)
     return step * max(1, STREAM_CHUNK // step)
 
 
