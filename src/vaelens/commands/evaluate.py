@@ -19,8 +19,8 @@ from .. import data as data_mod
 from .. import dist, shards, stream
 from ..api import VAE
 from ..config import DEVICES
-from ..evaluate_stream import evaluate_stream
 from ..errors import VaelensError
+from ..evaluate_stream import evaluate_stream
 from ..train import resolve_device
 from . import _common as common
 from .info import family_text
