@@ -45,7 +45,10 @@ def add_parser(subparsers):
                     "(Burda et al. 2016) in nats and bits per dimension, active units, I(x; z) and KL(q(z) || p(z)). "
                     "Binarized runs are evaluated on one seeded binarization of the data. Every density is in the "
                     "space the model sees (binarized pixels, grey levels, standardized units or data units; the "
-                    "output says which); a standardized run also gives log p(x) in data units.")
+                    "output says which); a standardized run also gives log p(x) in data units. Data that "
+                    "'vaelens train' would stream (a large .npy/.parquet file, a folder or glob of shards) is "
+                    "evaluated in chunks, memory independent of its length; I(x; z) and the aggregate KL then use a "
+                    "seeded subsample of 10000 rows.")
     common.add_run_args(p, split=None, split_help="a built-in set's own split (default: test); a --data file is "
                                                   "evaluated whole")
     p.add_argument("--iw-samples", type=int, default=5000, help="importance samples K for log p(x); 0 skips it")
