@@ -81,6 +81,7 @@ def evaluate_stream(module: VAEModule, read: Callable[[int, int, int], np.ndarra
                 kept[k].append(v[rows])
             if on_chunk is not None:
                 on_chunk(lo, vals)
+            ev._trim_heap()  # each chunk's temporaries back to the system, else the heap fragments (see evaluate)
             if bar is not None:
                 bar.update(len(x))
     if bar is not None:
