@@ -160,6 +160,21 @@ def rows_per_call(module: VAEModule) -> int:
     return max(EPS_BLOCK, rows // EPS_BLOCK * EPS_BLOCK)
 
 
+def elbo_batch(module: VAEModule, n_samples: int, batch_size: int = 4096) -> int:
+    """Rows per call of `elbo_terms`: `batch_size`, capped at `rows_per_call` / `n_samples` for a mixture
+    prior (its KL broadcasts every draw against K components)."""
+    if module.cfg.prior == "normal":
+        return batch_size
+    return min(batch_size, max(1, rows_per_call(module) // n_samples))
+
+
+def iwae_batch(module: VAEModule, n: int, k: int) -> int:
+    """`iwae_log_likelihood`'s default rows per decoder call for n rows and k samples: about
+    `rows_per_call` (z, x) pairs per call."""
+    rows = rows_per_call(module)
+    return max(1, min(n, rows // min(k, rows)))
+
+
 # --- per-sample terms -----------------------------------------------------------------------------
 
 def elbo_terms(module: VAEModule, X: ArrayLike, n_samples: int = 1, batch_size: int = 4096,
@@ -171,8 +186,7 @@ def elbo_terms(module: VAEModule, X: ArrayLike, n_samples: int = 1, batch_size: 
     the batch at `rows_per_call` / `n_samples` rows (its KL broadcasts every draw against K components).
     """
     x_all = to_tensor(module, X)
-    if module.cfg.prior != "normal":
-        batch_size = min(batch_size, max(1, rows_per_call(module) // n_samples))
+    batch_size = elbo_batch(module, n_samples, batch_size)
     parts = {"elbo": [], "rec": [], "kl": [], "kl_dim": []}
     module.eval()
     with torch.inference_mode(), seeded(seed, x_all.device):
@@ -185,7 +199,7 @@ def elbo_terms(module: VAEModule, X: ArrayLike, n_samples: int = 1, batch_size: 
 
 def iwae_log_likelihood(module: VAEModule, X: ArrayLike, k: int = 5000, *, chunk_size: Optional[int] = None,
                         batch_size: Optional[int] = None, progress: bool = False,
-                        seed: Optional[int] = 0, distributed: bool = False) -> np.ndarray:
+                        seed: Optional[int] = 0, distributed: bool = False, row_offset: int = 0) -> np.ndarray:
     """The importance-weighted estimate of log p(x) with `k` samples from q(z|x), shape (n,), float64.
 
     log p(x) ~= log (1/k) sum_k p(x|z_k) p(z_k) / q(z_k|x): a lower bound in expectation that
@@ -215,6 +229,8 @@ def iwae_log_likelihood(module: VAEModule, X: ArrayLike, k: int = 5000, *, chunk
     distributed : bool
         Under torchrun, every rank computes a contiguous share of the rows and all ranks get the
         whole result in row order; every rank must call with the same X. Ignored outside torchrun.
+    row_offset : int
+        X's first row's number when X is a chunk of a table (streamed): row i draws as row row_offset + i.
 
     Returns
     -------
@@ -229,21 +245,19 @@ def iwae_log_likelihood(module: VAEModule, X: ArrayLike, k: int = 5000, *, chunk
         seed = int(torch.randint(0, 2 ** 62, (1,)))
     rows = rows_per_call(module)
     if batch_size is None:
-        batch_size = max(1, min(n, rows // min(k, rows)))
+        batch_size = iwae_batch(module, n, k)
     if chunk_size is None:
         chunk_size = max(1, min(k, rows // batch_size))
     if batch_size < 1 or chunk_size < 1:
         raise ConfigError(f"batch_size and chunk_size must be >= 1, got {batch_size}, {chunk_size}")
     chunk_size = min(k, -(-chunk_size // EPS_BLOCK) * EPS_BLOCK)
-    bar = None
-    if progress:
-        bar = tqdm(total=stop - start, desc=f"IWAE k={k}", unit="sample", dynamic_ncols=True)
+    bar = tqdm(total=stop - start, desc=f"IWAE k={k}", unit="sample", dynamic_ncols=True) if progress else None
     out = [torch.empty(0, dtype=torch.float64, device=x_all.device)]
     module.eval()
     with torch.inference_mode():
         for i in range(start, stop, batch_size):
             x = x_all[i:min(i + batch_size, stop)]                           # (b, p)
-            gens = [_row_generator(seed, i + j, x.device) for j in range(len(x))]
+            gens = [_row_generator(seed, row_offset + i + j, x.device) for j in range(len(x))]
             qz = module.inference(x)                                         # batch (b, d), once for all k
             acc = torch.full((len(x),), -math.inf, dtype=torch.float64, device=x.device)
             for j in range(0, k, chunk_size):

@@ -1,4 +1,9 @@
-"""`vaelens evaluate`: ELBO, IWAE log-likelihood, active units, I(x; z) and aggregate KL of a run."""
+"""`vaelens evaluate`: ELBO, IWAE log-likelihood, active units, I(x; z) and aggregate KL of a run.
+
+Data that `vaelens train` would stream (`vaelens.stream.choose`: a .npy/.parquet file over 512 MiB, or a
+folder/glob of shards over it) is evaluated chunk by chunk (`vaelens.evaluate_stream`), memory independent of
+the row count; I(x; z) and the aggregate KL then come from a seeded subsample of rows (docs/streaming.md).
+"""
 
 from __future__ import annotations
 
@@ -7,13 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 from .. import data as data_mod
-from .. import dist
+from .. import dist, shards, stream
 from ..api import VAE
 from ..config import DEVICES
 from ..errors import VaelensError
+from ..evaluate_stream import evaluate_stream
 from ..train import resolve_device
 from . import _common as common
 from .info import family_text
@@ -38,7 +45,10 @@ def add_parser(subparsers):
                     "(Burda et al. 2016) in nats and bits per dimension, active units, I(x; z) and KL(q(z) || p(z)). "
                     "Binarized runs are evaluated on one seeded binarization of the data. Every density is in the "
                     "space the model sees (binarized pixels, grey levels, standardized units or data units; the "
-                    "output says which); a standardized run also gives log p(x) in data units.")
+                    "output says which); a standardized run also gives log p(x) in data units. Data that "
+                    "'vaelens train' would stream (a large .npy/.parquet file, a folder or glob of shards) is "
+                    "evaluated in chunks, memory independent of its length; I(x; z) and the aggregate KL then use a "
+                    "seeded subsample of 10000 rows.")
     common.add_run_args(p, split=None, split_help="a built-in set's own split (default: test); a --data file is "
                                                   "evaluated whole")
     p.add_argument("--iw-samples", type=int, default=5000, help="importance samples K for log p(x); 0 skips it")
@@ -91,6 +101,11 @@ class EvaluateResult(Result):
         out += [f"  {name:{w}s} {v:12.4f} {se_cell(se)}  {unit}" for name, v, se, unit in rows]
         out.append(f"  {'active units':{w}s} {r['active_units']:>12d} {'':8s}  of {r['latent_dim']} "
                    f"(Cov_x E_q[z_u] > {r['active_threshold']:g})")
+        if r.get("streamed"):
+            s = r["streamed"]
+            out.append(f"  streamed in chunks of {s['chunk_rows']} rows; I(x; z) and the aggregate KL on "
+                       + ("all rows" if s["aggregate_rows"] == r["n"] else
+                          f"a subsample of {s['aggregate_rows']} rows (seeded by --seed)"))
         out.append(f"  {'dim':>5s} {'KL':>10s} {'activity':>10s}")
         out += [f"  {j:5d} {kl:10.4f} {act:10.4f}{'  active' if act > r['active_threshold'] else ''}"
                 for j, (kl, act) in enumerate(zip(r["kl_per_dim"], r["activity"]))]
@@ -131,14 +146,21 @@ def run(args) -> EvaluateResult:
     vae = VAE.load(args.run, device=str(device))
     cfg = common.data_config(args, base=vae.config_.data)
     split = evaluation_split(args, cfg)
-    ds = data_mod.load(cfg, split or "train")  # a file's "train" split is the whole file
-    if info.is_main:
-        common.show_notes(ds)
-    X = common.first_rows(ds.X, args.limit)
-    ev = vae.evaluate(X, iw_samples=args.iw_samples, seed=args.seed, distributed=True,
-                      progress=not args.no_progress and sys.stderr.isatty(), batch_size=args.batch_size)
-    r = ev.to_dict(per_sample=args.per_sample)
-    r.update(run=str(args.run), data=ds.name, split=split, binarized=vae.binarized_,
+    src = stream.choose(vae.config_.replace(data=cfg)) if split in (None, "train") else None
+    if src is not None and args.limit is not None:
+        src = src.limit(args.limit)
+    progress = not args.no_progress and sys.stderr.isatty()
+    if src is not None and stream.streams(vae.config_, src):
+        r, name = _evaluate_streamed(args, vae, src, info, progress), src.name
+    else:
+        ds = data_mod.load(cfg, split or "train") if src is None else src.to_dataset()  # a file's "train": all of it
+        if info.is_main:
+            common.show_notes(ds)
+        X = common.first_rows(ds.X, args.limit)
+        ev = vae.evaluate(X, iw_samples=args.iw_samples, seed=args.seed, distributed=True, progress=progress,
+                          batch_size=args.batch_size)
+        r, name = ev.to_dict(per_sample=args.per_sample), ds.name
+    r.update(run=str(args.run), data=name, split=split, binarized=vae.binarized_,
              seed=args.seed, processes=info.world_size, space=data_mod.figure_space(vae.config_))
     m = vae.config_.model
     if not m.factorized:  # the default's JSON stays as it was
@@ -149,3 +171,25 @@ def run(args) -> EvaluateResult:
         r.update(log_jacobian=shift, elbo_data_units=r["elbo"] + shift,
                  log_likelihood_data_units=None if r["log_likelihood"] is None else r["log_likelihood"] + shift)
     return EvaluateResult(r, json_out)
+
+
+def _evaluate_streamed(args, vae, src, info, progress: bool) -> dict:
+    """Data that `vaelens train` would stream (`stream.choose`), evaluated chunk by chunk with memory
+    independent of n (`vaelens.evaluate_stream`). A binarized run binarizes chunk c with the seed (--seed, c),
+    as `vaelens encode` does, so its figures differ from the in-memory binarization's."""
+    if args.per_sample:
+        raise VaelensError(f"--per-sample would hold every row's values of {src.name} ({src.n} rows, streamed) in "
+                           f"the JSON; evaluate fewer rows (--limit) or without --per-sample")
+    if args.batch_size is not None:
+        raise VaelensError("--batch-size applies to data in memory; streamed data is evaluated in whole batches "
+                           "of the automatic size")
+    shards.scan(src, vae.config_.model.likelihood)  # bad rows named by shard file and row, before any work
+    if info.is_main:
+        common.show_notes(src)
+
+    def read(lo: int, hi: int, c: int):
+        seed = int(np.random.SeedSequence([args.seed, c]).generate_state(1)[0])
+        return vae.model_input(src.read(lo, hi), seed)
+
+    return evaluate_stream(vae.module_, read, src.n, src.p, args.iw_samples, seed=args.seed, progress=progress,
+                           distributed=True)
