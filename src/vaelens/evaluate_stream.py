@@ -21,7 +21,6 @@ import math
 from typing import Callable, Optional
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from . import evaluate as ev
