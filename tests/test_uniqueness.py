@@ -53,6 +53,15 @@ def test_signed_permutation_moves_mu_but_not_the_elbo(digits_vae):
         signed_permutation(vae.module_, [0, 0, 1], [1, 1, 1])
 
 
+def test_estimator_symmetry_takes_the_commands_options(digits_vae):
+    """VAE.symmetry measures what `vaelens symmetry` measures: the kinds and counts asked for, the floor given."""
+    vae, X = digits_vae
+    r = vae.symmetry(X[:100], seed=1, n_rotations=0, n_samples=2, n_permutations=2, n_orthogonal=1, atol=0.5)
+    assert r.kinds["signed permutation"]["tried"] == 2 and r.kinds["orthogonal"]["tried"] == 1
+    assert r.kinds["plane rotation"]["tried"] == 0 and r.atol == 0.5
+    assert r.perm_invariant
+
+
 def test_rotation_keeps_the_mean_path_and_prior(digits_vae):
     vae, X = digits_vae
     Xt = vae._tensor(X[:50])

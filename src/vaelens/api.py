@@ -502,15 +502,23 @@ class VAE(TransformerMixin, BaseEstimator):
         post = self.encode(X, seed=seed)
         return aggregate_posterior(post.mu, post.sigma, post.scale_tril, prior_of(self.module_))
 
-    def symmetry(self, X: ArrayLike, seed: int = 0, n_rotations: int = 3, n_samples: int = 16):
-        """ELBO under a random signed permutation (unchanged) and random rotations (lower) of the latents.
+    def symmetry(self, X: ArrayLike, seed: int = 0, n_rotations: int = 3, n_samples: int = 16,
+                 n_permutations: int = 3, n_orthogonal: int = 3, atol: Optional[float] = None):
+        """Which orthogonal maps of the latent space leave the ELBO unchanged, measured (`vaelens symmetry`).
+
+        Each map R acts on the whole model (q(z|x) projected onto the run's posterior family, the
+        decoder's first layer, the prior's parameters); signed permutations, Givens rotations in
+        `n_rotations` random planes and `n_orthogonal` Haar-random orthogonal maps are tried, each with
+        its paired ELBO change and standard error; `atol` is the floor of "free" (default: the CLI's).
 
         Returns
         -------
-        vaelens.uniqueness.SymmetryReport
+        vaelens.symmetries.SymmetryReport
+            Per-map changes, per-kind verdicts and `group`, the group measured.
         """
         return symmetry_report(self.module_, self._tensor(X, seed), seed=seed, n_rotations=n_rotations,
-                               n_samples=n_samples)
+                               n_samples=n_samples, n_permutations=n_permutations, n_orthogonal=n_orthogonal,
+                               atol=atol)
 
     # --- persistence -----------------------------------------------------------------------
     def save(self, path: Union[str, Path], overwrite: bool = False) -> Path:
