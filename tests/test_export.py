@@ -73,9 +73,9 @@ def test_torch_export_of_a_standardized_gaussian_run(table_small, tmp_path):
 
 
 def test_a_mismatch_exits_2_and_leaves_nothing(digits_small, tmp_path, monkeypatch):
-    from vaelens.commands import export
+    from vaelens import exporting
 
-    monkeypatch.setattr(export, "check_artifacts", lambda *a: {"mu": 0.5, "sigma": 0.0, "logits": 0.0})
+    monkeypatch.setattr(exporting, "check_artifacts", lambda *a: {"mu": 0.5, "sigma": 0.0, "logits": 0.0})
     p = run("export", digits_small, "--format", "torch", "--out", tmp_path / "e")
     assert p.returncode == 2 and "differ from the model" in p.stderr and "mu by 0.5" in p.stderr, p.stderr
     assert list(tmp_path.iterdir()) == []  # neither the folder nor its temporary sibling

@@ -32,3 +32,18 @@ def test_no_function_over_80_lines():
                 if n > MAX_FUNCTION_LINES:
                     long.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name}: {n}")
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
+
+
+def test_the_cli_builds_its_parsers_without_torch():
+    """`vaelens --help` and argument errors answer at once: the parsers (and their defaults, from
+    config.py) are built without importing torch, scikit-learn, scipy or matplotlib (seconds of
+    start-up); commands import those when they run. Shown to fail by a module-level `from ..api import
+    VAE` in a command module."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from vaelens.cli import build_parser; build_parser(); "
+            "print([m for m in ('torch', 'sklearn', 'scipy', 'matplotlib', 'pandas', 'safetensors') "
+            "if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", f"modules imported while building the CLI's parsers: {out.strip()}"

@@ -1,7 +1,7 @@
 """Which maps of the latent space are free, measured per posterior family and prior (issue #19, items 3-5).
 
 Tolerances: an exact symmetry changes the float64 ELBO by rounding only (~1e-15 nats), so "free"
-means within max(3 s.e., symmetries.ELBO_ATOL = 0.001 nats/sample); the costs that must be seen
+means within max(3 s.e., config.SYMMETRY_ATOL = 0.001 nats/sample); the costs that must be seen
 are 0.003 nats and more (measured below), so the verdicts do not sit on the tolerance.
 """
 

@@ -22,7 +22,7 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from . import checkpoint as ck
 from . import data as data_mod
 from . import gap as _gap
-from .config import DataConfig, ModelConfig, RunConfig, TrainConfig, options
+from .config import GAP_K, GAP_REFINE_STEPS, DataConfig, ModelConfig, RunConfig, TrainConfig, options
 from .data import Dataset
 from .errors import ConfigError, DataError, VaelensError
 from .evaluate import Evaluation
@@ -440,7 +440,7 @@ class VAE(TransformerMixin, BaseEstimator):
         return point_cloud_check(self.module_, Xt, indices, n_samples=n_samples, seed=seed, level=level,
                                  mu=mu, sigma=sigma, scale_tril=scale_tril)
 
-    def true_posterior(self, X: ArrayLike, k: int = _gap.DEFAULT_K, seed: int = 0,
+    def true_posterior(self, X: ArrayLike, k: int = GAP_K, seed: int = 0,
                        refine: int = 0) -> "_gap.TruePosterior":
         """What mu(x) and sigma(x) approximate: E_p[z] and Std_p[z] of the model's own posterior
         p(z|x) ~ p(x|z) p(z), by self-normalized importance sampling with `k` draws per sample (seeded
@@ -455,7 +455,7 @@ class VAE(TransformerMixin, BaseEstimator):
         Xt, proposal = self._proposal(X, refine, seed)
         return _gap.true_posterior(self.module_, Xt, k, seed=seed, proposal=proposal)
 
-    def posterior_cloud(self, X: ArrayLike, k: int = _gap.DEFAULT_K, seed: int = 0,
+    def posterior_cloud(self, X: ArrayLike, k: int = GAP_K, seed: int = 0,
                         refine: int = 0) -> "_gap.PosteriorCloud":
         """The importance-weighted cloud behind `true_posterior` for a few samples: per sample the k
         draws (n, k, d) and their normalized weights (n, k), with the proposal's and the encoder's
@@ -476,7 +476,7 @@ class VAE(TransformerMixin, BaseEstimator):
         Xt = self._tensor(X, seed)
         return Xt, (_gap.refine(self.module_, Xt, refine, seed=seed) if refine else None)
 
-    def inference_gaps(self, X: ArrayLike, k: int = _gap.DEFAULT_K, steps: int = _gap.REFINE_STEPS, seed: int = 0,
+    def inference_gaps(self, X: ArrayLike, k: int = GAP_K, steps: int = GAP_REFINE_STEPS, seed: int = 0,
                        **kwargs) -> "_gap.InferenceGaps":
         """Per sample: log p(x) (IWAE, k), L[q] of the encoder, L[q*] of the best Gaussian of the run's
         family for this x (`steps` Adam steps from the encoder's output), the approximation gap log p(x) - L[q*]

@@ -11,7 +11,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from . import __version__, dist
+from . import __version__
 from .commands import COMMANDS
 from .commands._common import Formatter
 from .commands.render import emit
@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    from . import dist  # torch: imported once the arguments parse, so --help and usage errors are instant
     command = COMMANDS[args.command]
     info = dist.env_info()
     if not getattr(command, "DISTRIBUTED", False) and not info.is_main:

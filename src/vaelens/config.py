@@ -43,6 +43,20 @@ MAX_BLOCK_ROWS = 10 ** 7
 MISSING = ("error", "drop")
 MISSING_LABEL = ("error", "drop", "keep")
 LABEL_KINDS = ("int", "float", "str")
+# Defaults of the inspection commands' options. They live here, with every other option, so that the
+# CLI builds its parsers without importing torch (`vaelens --help` stays instant).
+GAP_K = 1000              # importance samples per x for E_p[z], Std_p[z] and log p(x)
+GAP_REFINE_STEPS = 300    # Adam steps for q*
+GAP_REFINE_LR = 1e-2      # Adam's initial learning rate for q*'s mean and log-std
+GAP_REFINE_LR_END = 0.1   # the rate falls linearly to this fraction of GAP_REFINE_LR: small final steps, small jitter
+# A symmetry map whose mean ELBO change is within max(3 s.e., SYMMETRY_ATOL) nats per sample counts as
+# free. 3 s.e.: the change is a mean of n paired per-sample differences, so a free map exceeds it by
+# Monte Carlo noise alone with probability about 0.3%. The floor: an exact symmetry changes the
+# float64 ELBO by rounding (~1e-15), while the smallest real costs measured (a MoG prior's nearly
+# isotropic components under rotation, a diagonal posterior whose sigmas differ by a few percent)
+# are a few thousandths of a nat; 0.001 nats per sample (1 nat per 1000 samples) keeps those
+# apart and still forgives the residue of a well-converged model whose optimum is degenerate.
+SYMMETRY_ATOL = 1e-3
 # Bounds on a model's shape, far beyond any VAE that fits one machine and far below what a hostile
 # config.json could claim (100,000 layers, a 10^12 width): checked before anything is built. The
 # total parameter count is bounded where a run is loaded (`checkpoint.MAX_PARAMETERS`).

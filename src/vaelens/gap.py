@@ -39,14 +39,11 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
+from .config import GAP_K, GAP_REFINE_LR, GAP_REFINE_LR_END, GAP_REFINE_STEPS
 from .errors import ConfigError
 from .evaluate import EPS_BLOCK, ROWS_PER_CALL, _draw, _row_generator, rows_per_call
 from .model import VAEModule, diagonal_normal, full_normal, reparameterize, scale_tril
 
-DEFAULT_K = 1000          # importance samples per x for E_p[z], Std_p[z] and log p(x)
-REFINE_STEPS = 300        # Adam steps for q*
-REFINE_LR = 1e-2          # Adam's initial learning rate for q*'s mean and log-std
-REFINE_LR_END = 0.1       # the rate falls linearly to this fraction of REFINE_LR: small final steps, small jitter
 REFINE_DRAWS = 4          # reparameterized draws per sample and step in the optimized ELBO
 ELBO_DRAWS = 200          # fresh draws per sample for each reported ELBO (L[q] and L[q*])
 # A sample's importance-sampled moments are flagged unreliable below this effective sample size
@@ -259,7 +256,7 @@ def pareto_k(top: np.ndarray) -> np.ndarray:
     return k_post
 
 
-def true_posterior(module: VAEModule, x_all: torch.Tensor, k: int = DEFAULT_K, seed: int = 0,
+def true_posterior(module: VAEModule, x_all: torch.Tensor, k: int = GAP_K, seed: int = 0,
                    proposal: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> TruePosterior:
     """Importance-sampled moments of p(z|x) for every row of x_all (n, p), in the model's units.
 
@@ -336,7 +333,7 @@ class PosteriorCloud:
         return np.einsum("nk,nkd->nd", self.weights, self.z)
 
 
-def posterior_cloud(module: VAEModule, x_all: torch.Tensor, k: int = DEFAULT_K, seed: int = 0,
+def posterior_cloud(module: VAEModule, x_all: torch.Tensor, k: int = GAP_K, seed: int = 0,
                     proposal: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> PosteriorCloud:
     """The k draws and normalized weights per row of x_all (n, p) that `true_posterior` folds into
     running sums: the same noise, proposal and log-weights, kept instead of summed. Memory is
@@ -367,8 +364,8 @@ def posterior_cloud(module: VAEModule, x_all: torch.Tensor, k: int = DEFAULT_K, 
 
 # --- q*: the best Gaussian of the run's family per sample for the fixed decoder ----------------
 
-def refine(module: VAEModule, x_all: torch.Tensor, steps: int = REFINE_STEPS, *, seed: int = 0,
-           lr: float = REFINE_LR, draws: int = REFINE_DRAWS) -> Tuple[torch.Tensor, torch.Tensor]:
+def refine(module: VAEModule, x_all: torch.Tensor, steps: int = GAP_REFINE_STEPS, *, seed: int = 0,
+           lr: float = GAP_REFINE_LR, draws: int = REFINE_DRAWS) -> Tuple[torch.Tensor, torch.Tensor]:
     """q*(z|x) = N(m, diag s^2) per row of x_all (n, p): returns m and s, tensors of shape (n, d); for a
     full-covariance run q* = N(m, L L^T) in the same family, and the second tensor is L, (n, d, d).
 
@@ -379,7 +376,7 @@ def refine(module: VAEModule, x_all: torch.Tensor, steps: int = REFINE_STEPS, *,
     (b, d(d-1)/2) started at the encoder's, with log s the log of L's diagonal. The objective is a
     sum of per-row terms and Adam is per-coordinate, so every row is optimized exactly as it would
     be alone. Stopping rule: a fixed number of `steps`, the learning rate falling linearly from `lr`
-    to REFINE_LR_END * lr. The noise of row r comes from its own stream (seed, r), so the result does
+    to GAP_REFINE_LR_END * lr. The noise of row r comes from its own stream (seed, r), so the result does
     not depend on how rows are batched. The decoder is a frozen copy: no gradient reaches it.
     """
     if steps < 0 or draws < 1 or not lr > 0:
@@ -403,7 +400,7 @@ def refine(module: VAEModule, x_all: torch.Tensor, steps: int = REFINE_STEPS, *,
             eps = _Stream(seed ^ _STREAM_OPT, i, len(x), steps * draws, theta[0].detach())
             opt = torch.optim.Adam(params, lr=lr)
             decay = torch.optim.lr_scheduler.LambdaLR(
-                opt, lambda t: 1 - (1 - REFINE_LR_END) * min(t, steps) / max(steps, 1))
+                opt, lambda t: 1 - (1 - GAP_REFINE_LR_END) * min(t, steps) / max(steps, 1))
             for t in range(steps):
                 qz = _refined(theta, params[1] if full else None, below)   # batch (b,), event (d,)
                 e = eps.take(draws)                                          # (draws, b, d)
@@ -498,7 +495,7 @@ class InferenceGaps:
         tp = self.posterior
         use = tp.reliable if tp.reliable.any() else np.ones(len(tp.ess), bool)
         return {"settings": {"k": self.k, "proposal": tp.proposal, "steps": self.steps, "lr": self.lr,
-                             "lr_end": self.lr * REFINE_LR_END, "draws_per_step": self.draws,
+                             "lr_end": self.lr * GAP_REFINE_LR_END, "draws_per_step": self.draws,
                              "elbo_draws": self.elbo_draws},
                 "averages": self.averages(), "true_posterior": tp.to_dict(),
                 "distance_opt_per_dim": self.distance_opt[use].mean(0).tolist(),
@@ -529,8 +526,8 @@ def _elbos(module: VAEModule, x_all: torch.Tensor, loc: torch.Tensor, scale: tor
     return {key: torch.cat(v).cpu().numpy() for key, v in out.items()}
 
 
-def inference_gaps(module: VAEModule, x_all: torch.Tensor, k: int = DEFAULT_K, steps: int = REFINE_STEPS, *,
-                   seed: int = 0, lr: float = REFINE_LR, draws: int = REFINE_DRAWS,
+def inference_gaps(module: VAEModule, x_all: torch.Tensor, k: int = GAP_K, steps: int = GAP_REFINE_STEPS, *,
+                   seed: int = 0, lr: float = GAP_REFINE_LR, draws: int = REFINE_DRAWS,
                    elbo_draws: int = ELBO_DRAWS, proposal: str = "refined") -> InferenceGaps:
     """log p(x), L[q], L[q*], both gaps and the true posterior for every row of x_all (n, p).
 

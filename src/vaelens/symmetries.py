@@ -27,6 +27,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from .config import SYMMETRY_ATOL
 from .evaluate import to_tensor
 from .io import jsonable
 from .latentmaps import MappedVAE, haar_orthogonal, paired_noise, plane_rotation, signed_permutation_matrix
@@ -35,14 +36,6 @@ from .posterior import active_mask
 # Per-sample relative ELBO change allowed under a signed permutation: the map is exact, and the
 # comparison runs in float64, so only rounding remains.
 PERMUTATION_RTOL = 1e-4
-# A map whose mean ELBO change is within max(3 s.e., ELBO_ATOL) nats per sample counts as free.
-# 3 s.e.: the change is a mean of n paired per-sample differences, so a free map exceeds it by
-# Monte Carlo noise alone with probability about 0.3%. The floor: an exact symmetry changes the
-# float64 ELBO by rounding (~1e-15), while the smallest real costs measured (a MoG prior's nearly
-# isotropic components under rotation, a diagonal posterior whose sigmas differ by a few percent)
-# are a few thousandths of a nat; 0.001 nats per sample (1 nat per 1000 samples) keeps those
-# apart and still forgives the residue of a well-converged model whose optimum is degenerate.
-ELBO_ATOL = 1e-3
 DEFAULT_ANGLES = (math.pi / 16, math.pi / 8, math.pi / 4)
 KINDS = ("signed permutation", "plane rotation", "orthogonal")
 # The family holds a mapped distribution exactly when the projection changes its covariance by
@@ -90,7 +83,7 @@ class SymmetryReport:
     maps : list of MapCost
         Every map tried, in the order of `KINDS`.
     atol : float
-        The tolerance's floor in nats per sample (see `ELBO_ATOL`).
+        The tolerance's floor in nats per sample (see `SYMMETRY_ATOL`).
     kinds : dict
         Per kind of map: tried, invariant (every map within tolerance), worst change and its s.e.
     group : str
@@ -187,7 +180,7 @@ def _planes(mu: np.ndarray, count: int, rng: np.random.Generator):
 
 
 def map_cost(base, x: torch.Tensor, eps: torch.Tensor, elbo: torch.Tensor, R: np.ndarray, kind: str,
-             label: str, atol: float = ELBO_ATOL):
+             label: str, atol: float = SYMMETRY_ATOL):
     """Apply R to the whole model `base` (float64) and compare per-sample ELBOs on paired noise.
 
     Returns (MapCost, the mapped model's per-sample ELBO (n,), its q(z|x)).
@@ -241,9 +234,9 @@ def symmetry_report(module, X, seed: int = 0, n_samples: int = 16, n_rotations: 
     n_permutations, n_orthogonal : int
         Random signed permutations (at least one is always tried) and Haar orthogonal maps.
     atol : float, optional
-        The tolerance's floor, nats per sample (default `ELBO_ATOL`).
+        The tolerance's floor, nats per sample (default `SYMMETRY_ATOL`).
     """
-    atol = ELBO_ATOL if atol is None else float(atol)
+    atol = SYMMETRY_ATOL if atol is None else float(atol)
     base = copy.deepcopy(module).double().eval()
     x = to_tensor(module, X)[:max_rows].double()
     n, d = len(x), module.latent_dim

@@ -15,7 +15,6 @@ import numpy as np
 
 from .. import config
 from .. import data as data_mod
-from ..api import VAE
 from ..errors import DataError, VaelensError
 from ..io import atomic_write, check_writable
 
@@ -180,6 +179,7 @@ def data_config(args, base: Optional[config.DataConfig] = None) -> config.DataCo
 
 def load_run_and_data(args, device: str = "cpu"):
     """The run in args.run and the data the flags name (default: the run's own), --split of it."""
+    from ..api import VAE  # torch: commands import it when they run, not when the CLI builds its parser
     vae = VAE.load(args.run, device=device)
     ds = data_mod.load(data_config(args, base=vae.config_.data), getattr(args, "split", "train"))
     show_notes(ds)

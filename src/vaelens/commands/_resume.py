@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from .. import checkpoint as ck
 from .. import config
 from ..config import RunConfig
 from ..errors import CheckpointError, VaelensError
@@ -71,6 +70,8 @@ def refusals(args, cfg: RunConfig) -> List[str]:
 def _checkpoint_place(run_dir: Path) -> Optional[Tuple[int, int, int]]:
     """(completed epochs, steps into the next, epochs without improvement) of the newest checkpoint, or None
     when there is none or it cannot be read (resuming then says why, naming the file)."""
+    from .. import checkpoint as ck  # torch: loaded when a command runs, not when the CLI builds its parser
+
     found = ck.checkpoint_candidates(run_dir)
     if not found:
         return None
@@ -123,6 +124,8 @@ def _check_work_left(run_dir: Path, old: RunConfig, new: RunConfig, epochs_given
 def record(run_dir: Path, changes: dict, restart: Optional[int] = None) -> dict:
     """Apply-and-record: append {at, from_epoch, from_step, changed} to RUN/resumes.json; returns the entry.
     `restart`: torchrun's restart count, for a resume vaelens made itself after workers were restarted."""
+    from .. import checkpoint as ck
+
     place = _checkpoint_place(run_dir) or (0, 0, 0)
     entry = {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "from_epoch": place[0],
              "from_step": place[1], "changed": changes}
@@ -148,6 +151,8 @@ def read(run_dir: Path) -> list:
 
 def add_to_summary(run_dir: Path) -> None:
     """Copy the resume records into summary.json (rewritten by every finished run) so it tells the whole story."""
+    from .. import checkpoint as ck
+
     resumes = read(run_dir)
     summary = ck.read_summary(run_dir)
     if resumes and summary:

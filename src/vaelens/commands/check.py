@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
-from ..posterior import PointCloudCheck
 from . import _common as common
 from .render import Result
+
+if TYPE_CHECKING:  # the result's type; the module (torch, scipy) loads when the command runs
+    from ..posterior import PointCloudCheck
 
 NAME = "check"
 

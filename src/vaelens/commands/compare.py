@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
-from ..api import VAE
 from ..errors import VaelensError
-from ..uniqueness import Comparison, compare, expected_agreement
 from . import _common as common
 from .render import Result
+
+if TYPE_CHECKING:
+    from ..uniqueness import Comparison
 
 NAME = "compare"
 
@@ -85,6 +86,9 @@ class CompareResult(Result):
 
 
 def run(args) -> CompareResult:
+    from ..api import VAE  # torch and friends load when the command runs, not when the CLI builds its parser
+    from ..uniqueness import compare, expected_agreement
+
     if len(args.runs) < 2:
         raise VaelensError("compare needs at least two run directories")
     common.check_limit(args.limit)

@@ -15,18 +15,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-import torch
-
-from .. import chunked, dist, shards, stream
 from .. import data as data_mod
-from ..api import VAE
 from ..errors import VaelensError
 from ..io import atomic_write, prepare_output
 from . import _common as common
 from .render import Result
+
+if TYPE_CHECKING:
+    from ..shards import ShardSet
 
 NAME = "encode"
 DISTRIBUTED = True  # streamed data: every rank encodes its chunks; data in memory: rank 0 alone
@@ -78,6 +78,9 @@ class EncodeResult(Result):
 
 
 def run(args) -> EncodeResult:
+    from .. import dist, stream  # torch and friends load when the command runs, not when the CLI builds its parser
+    from ..api import VAE
+
     suffix = args.out.suffix.lower()
     if suffix not in SUFFIXES:
         raise VaelensError(f"{args.out}: output must end in .npz, .csv or .parquet")
@@ -137,10 +140,14 @@ def _table(cols: dict, post, z) -> dict:
     return table
 
 
-def _encode_streamed(args, vae, src: shards.ShardSet) -> EncodeResult:
+def _encode_streamed(args, vae, src: ShardSet) -> EncodeResult:
     """Encode STREAM_CHUNK rows at a time, each rank its consecutive chunks, into `chunked.RowWriter` parts
     that rank 0 assembles. Chunk c's draws (binarization, z) use the seed (--seed, c), so the output does not
     depend on the number of ranks; mu and sigma of a run that is not binarized equal the in-memory ones."""
+    import torch
+
+    from .. import chunked, dist, shards
+
     info = dist.env_info()
     dist.setup(torch.device("cpu"))
     shards.scan(src, vae.config_.model.likelihood)  # bad rows named by shard file and row, before any output

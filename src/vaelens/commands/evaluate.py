@@ -13,15 +13,10 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import torch
 
 from .. import data as data_mod
-from .. import dist, shards, stream
-from ..api import VAE
 from ..config import DEVICES
 from ..errors import VaelensError
-from ..evaluate_stream import evaluate_stream
-from ..train import resolve_device
 from . import _common as common
 from .info import family_text
 from .render import Result, se_cell
@@ -134,6 +129,12 @@ def evaluation_split(args, cfg) -> Optional[str]:
 
 
 def run(args) -> EvaluateResult:
+    import torch
+
+    from .. import dist, stream  # torch and friends load when the command runs, not when the CLI builds its parser
+    from ..api import VAE
+    from ..train import resolve_device
+
     if args.iw_samples < 0:
         raise VaelensError(f"--iw-samples must be >= 0, got {args.iw_samples}")
     common.check_limit(args.limit, minimum=1)
@@ -183,6 +184,9 @@ def _evaluate_streamed(args, vae, src, info, progress: bool) -> dict:
     if args.batch_size is not None:
         raise VaelensError("--batch-size applies to data in memory; streamed data is evaluated in whole batches "
                            "of the automatic size")
+    from .. import shards
+    from ..evaluate_stream import evaluate_stream
+
     shards.scan(src, vae.config_.model.likelihood)  # bad rows named by shard file and row, before any work
     if info.is_main:
         common.show_notes(src)

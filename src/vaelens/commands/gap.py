@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
-from .. import gap as gap_mod
+from ..config import GAP_K, GAP_REFINE_LR, GAP_REFINE_LR_END, GAP_REFINE_STEPS
 from ..errors import VaelensError
 from . import _common as common
 from .render import Result
+
+if TYPE_CHECKING:
+    from ..gap import InferenceGaps
 
 NAME = "gap"
 
@@ -31,10 +34,10 @@ def add_parser(subparsers):
                "  vaelens gap RUN --data mnist --split test --n 1000 --k 1000 --steps 300 --json gap.json\n")
     common.add_run_args(p, split="test")
     p.add_argument("--n", type=int, default=500, help="use the first N samples")
-    p.add_argument("--k", type=int, default=gap_mod.DEFAULT_K, help="importance samples per sample")
-    p.add_argument("--steps", type=int, default=gap_mod.REFINE_STEPS, help="Adam steps for q* (0: q* = q)")
-    p.add_argument("--lr", type=float, default=gap_mod.REFINE_LR,
-                   help=f"Adam's learning rate for q*, falling linearly to {gap_mod.REFINE_LR_END:g} of it")
+    p.add_argument("--k", type=int, default=GAP_K, help="importance samples per sample")
+    p.add_argument("--steps", type=int, default=GAP_REFINE_STEPS, help="Adam steps for q* (0: q* = q)")
+    p.add_argument("--lr", type=float, default=GAP_REFINE_LR,
+                   help=f"Adam's learning rate for q*, falling linearly to {GAP_REFINE_LR_END:g} of it")
     p.add_argument("--proposal", choices=("refined", "encoder"), default="refined",
                    help="importance sampler's proposal: q* (closer to p(z|x): more effective draws) or the encoder's q")
     p.add_argument("--seed", type=int, default=0, help="seed of every draw (and a binarized run's binarization)")
@@ -44,7 +47,7 @@ def add_parser(subparsers):
 
 @dataclass
 class GapResult(Result):
-    gaps: gap_mod.InferenceGaps
+    gaps: InferenceGaps
     where: dict  # run, data, split
     json_path: Optional[Path] = None
 
@@ -52,6 +55,8 @@ class GapResult(Result):
         return {**self.where, **self.gaps.to_dict()}
 
     def lines(self):
+        from ..gap import MIN_ESS, PARETO_K_MAX
+
         g, w = self.gaps, self.where
         tp = g.posterior
         ok = tp.reliable
@@ -80,7 +85,7 @@ class GapResult(Result):
                 f" (Monte Carlo part {avg[key]['mc_se']:.3f})" for label, key in rows]
         out.append("  (± s.e. of the mean over samples; gap = log p(x) - L[q] = approximation + amortization)")
         out.append(f"unreliable importance weights: {int((~ok).sum())} of {n} samples ({100 * (~ok).mean():.1f}%: "
-                   f"ESS < {gap_mod.MIN_ESS:g} or Pareto k > {gap_mod.PARETO_K_MAX}); median ESS "
+                   f"ESS < {MIN_ESS:g} or Pareto k > {PARETO_K_MAX}); median ESS "
                    f"{np.median(tp.ess):.0f} of {g.k}")
         return out
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import checkpoint as ck
 from ..config import RunConfig
 from ..io import to_json
 from . import _common as common
@@ -73,5 +72,7 @@ class InfoResult(Result):
 
 
 def run(args) -> InfoResult:
+    from .. import checkpoint as ck  # torch: loads when the command runs, not when the CLI builds its parser
+
     cfg, _ = ck.load_model(args.run)  # reads every file the run needs, so a damaged one is reported here
     return InfoResult(args.run, cfg, ck.read_summary(args.run) or {}, ck.read_metrics(args.run), args.json)

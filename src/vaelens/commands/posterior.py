@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from ..errors import VaelensError
-from ..evaluate import prior_of
-from ..posterior import AggregatePosterior, AggregateMonteCarlo, aggregate_monte_carlo, aggregate_posterior
 from . import _common as common
 from .info import prior_text
 from .render import Result
+
+if TYPE_CHECKING:
+    from ..posterior import AggregateMonteCarlo, AggregatePosterior
 
 NAME = "posterior"
 
@@ -81,6 +82,9 @@ class PosteriorResult(Result):
 
 
 def run(args) -> PosteriorResult:
+    from ..evaluate import prior_of  # torch and friends load when the command runs, not when the CLI builds its parser
+    from ..posterior import aggregate_monte_carlo, aggregate_posterior
+
     if args.draws < 100:
         raise VaelensError(f"--draws must be >= 100, got {args.draws}")
     common.check_limit(args.limit)

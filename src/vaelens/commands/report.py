@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from ..errors import VaelensError
-from ..report import Report, build_report
 from . import _common as common
 from .render import Result
+
+if TYPE_CHECKING:
+    from ..report import Report
 
 NAME = "report"
 
@@ -80,6 +82,8 @@ class ReportResult(Result):
 
 
 def run(args) -> ReportResult:
+    from ..report import build_report  # torch and friends load when the command runs, not when the CLI builds its parser
+
     if args.max_points < 10:
         raise VaelensError(f"--max-points must be >= 10, got {args.max_points}")
     out = common.check_output(args.out if args.out is not None else args.run / "report.html", args.force, "report")

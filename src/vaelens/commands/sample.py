@@ -8,10 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..api import VAE
 from ..errors import VaelensError
 from ..io import atomic_write, prepare_output
-from ..plots import save_image_grid
 from . import _common as common
 from .info import prior_text
 from .render import Result
@@ -45,6 +43,9 @@ class SampleResult(Result):
 
 
 def run(args) -> SampleResult:
+    from ..api import VAE  # torch and friends load when the command runs, not when the CLI builds its parser
+    from ..plots import save_image_grid
+
     if args.n < 1:
         raise VaelensError(f"-n must be >= 1, got {args.n}")
     suffix = args.out.suffix.lower()

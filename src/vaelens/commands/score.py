@@ -5,17 +5,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
 from .. import data as data_mod
-from ..api import VAE
 from ..errors import VaelensError
 from ..io import atomic_write, prepare_output
 from . import _common as common
 from .evaluate import evaluation_split
 from .render import Result
+
+if TYPE_CHECKING:
+    from ..api import VAE
 
 NAME = "score"
 SUFFIXES = (".npz", ".csv", ".parquet")
@@ -79,6 +81,8 @@ class ScoreResult(Result):
 
 
 def run(args) -> ScoreResult:
+    from ..api import VAE  # torch and friends load when the command runs, not when the CLI builds its parser
+
     suffix = args.out.suffix.lower()
     if suffix not in SUFFIXES:
         raise VaelensError(f"{args.out}: output must end in .csv, .parquet or .npz")

@@ -6,10 +6,8 @@ import ipaddress
 import socket
 from dataclasses import dataclass
 
-from .. import serve as serve_mod
 from .. import webguard
 from ..errors import VaelensError
-from ..latentview import prior_name
 from . import _common as common
 from .render import Result
 
@@ -119,6 +117,9 @@ def prepare(args):
 
     The socket is bound first, so a busy port is reported before the model and data are loaded.
     """
+    from .. import serve as serve_mod  # torch and friends load when the command runs, not when the CLI builds its parser
+    from ..latentview import prior_name
+
     if args.max_points < 1:
         raise VaelensError(f"--max-points must be >= 1, got {args.max_points}")
     sock = listen(args.host, args.port)
@@ -144,6 +145,8 @@ def prepare(args):
 
 
 def run(args) -> ServeResult:
+    from .. import serve as serve_mod
+
     serve_mod.require_deps()  # names the install command if fastapi or uvicorn is missing
     sock, app, lines = prepare(args)
     port = sock.getsockname()[1]

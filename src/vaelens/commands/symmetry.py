@@ -5,12 +5,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from ..errors import VaelensError
-from ..symmetries import ELBO_ATOL, KINDS, PERMUTATION_RTOL, SymmetryReport, symmetry_report
+from ..config import SYMMETRY_ATOL
 from . import _common as common
 from .render import Result
+
+if TYPE_CHECKING:
+    from ..symmetries import SymmetryReport
 
 NAME = "symmetry"
 
@@ -53,7 +56,7 @@ def add_parser(subparsers):
                    help="random planes to rotate in, each by 11.25, 22.5 and 45 degrees")
     p.add_argument("--orthogonal", type=int, default=3, help="Haar-random orthogonal maps to try")
     p.add_argument("--samples", type=int, default=16, help="draws of z per sample for the ELBO")
-    p.add_argument("--atol", type=float, default=ELBO_ATOL,
+    p.add_argument("--atol", type=float, default=SYMMETRY_ATOL,
                    help="a map is free when |ELBO change| <= max(3 s.e., ATOL) nats per sample")
     p.add_argument("--seed", type=int, default=0, help="seeds the maps and the noise")
     common.add_json_args(p)
@@ -75,6 +78,8 @@ class SymmetryResult(Result):
         return {**self.report.to_dict(), **self.where}
 
     def lines(self):
+        from ..symmetries import KINDS, PERMUTATION_RTOL
+
         r, w = self.report, self.where
         wide = max([len(m.label) for m in r.maps] + [3])
         out = [f"symmetry {w['run']} on {w['data']} {w['split']} ({len(r.elbo)} samples, {self.samples} draws each, "
@@ -105,6 +110,8 @@ class SymmetryResult(Result):
 
 
 def run(args) -> SymmetryResult:
+    from ..symmetries import symmetry_report  # torch and friends load when the command runs, not when the CLI builds its parser
+
     if args.rotations < 0 or args.orthogonal < 0 or args.permutations < 1 or args.samples < 1:
         raise VaelensError("--rotations and --orthogonal must be >= 0, --permutations and --samples >= 1")
     if not (math.isfinite(args.atol) and args.atol >= 0):

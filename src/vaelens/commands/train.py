@@ -14,21 +14,21 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
-from .. import advice
-from .. import checkpoint as ck
 from .. import config
 from .. import data as data_mod
-from .. import dist, safeio, shards, stream, tracking
+from .. import safeio
 from ..config import RunConfig
 from ..errors import ConfigError, TrainingDiverged, VaelensError
 from ..io import check_writable
-from ..report import Report, build_report
-from ..train import TrainResult, fit, prepare
 from . import _common as common
 from . import _resume
 from .render import Result
+
+if TYPE_CHECKING:
+    from ..report import Report
+    from ..train import TrainResult
 
 NAME = "train"
 DISTRIBUTED = True  # every torchrun rank trains its share of each batch
@@ -113,6 +113,8 @@ def default_out(cfg: RunConfig) -> Path:
 
 def check_run_dir(out: Path, force: bool) -> None:
     """Refuse an --out that cannot become a run directory, before the data is loaded."""
+    from .. import checkpoint as ck  # torch: loads when the command runs, not when the CLI builds its parser
+
     check_writable(out, force=force, what="run directory", folder=True)
     if out.is_dir() and any(out.iterdir()):
         if not force:
@@ -196,6 +198,8 @@ class _Plan:
 
 def load_data(cfg: RunConfig):
     """The training data `cfg` names: a Dataset in memory, or a `shards.ShardSet` to stream (`stream.choose`)."""
+    from .. import stream
+
     src = stream.choose(cfg)
     if src is None:
         return data_mod.load(cfg.data, "train")
@@ -213,6 +217,9 @@ def restart_count() -> int:
 def _plan_resume(args, info, run_dir: Optional[Path] = None) -> _Plan:
     """--resume RUN; or, with `run_dir`, an elastic restart of the run the first attempt started there: its
     saved config as it is (the flags were for the new run, and made it), recorded as a restart."""
+    from .. import checkpoint as ck
+    from ..train import prepare
+
     restart = run_dir is not None
     run_dir = args.resume if run_dir is None else run_dir
     cfg = ck.load_config(run_dir)
@@ -232,6 +239,8 @@ def _plan_resume(args, info, run_dir: Optional[Path] = None) -> _Plan:
 def _elastic(args) -> Optional[Path]:
     """After torchrun restarted the workers (a rank died; --max-restarts), the run directory to continue
     from its newest complete checkpoint, or None to start the run (again: no checkpoint was written)."""
+    from .. import checkpoint as ck
+
     if restart_count() == 0 or args.resume is not None:
         return None
     if args.out is None or args.seeds:
@@ -240,7 +249,7 @@ def _elastic(args) -> Optional[Path]:
     if ck.checkpoint_candidates(args.out):
         return args.out
     if args.out.is_dir() and any(args.out.iterdir()):
-        if any(p.name not in _EARLY_FILES | {_resume.RESUMES} for p in args.out.iterdir()):
+        if any(p.name not in _early_files() | {_resume.RESUMES} for p in args.out.iterdir()):
             raise VaelensError(f"torchrun restarted the workers; {args.out} holds no checkpoint and files vaelens "
                                f"did not write, so it is left as it is")
         args.force = True  # what the first attempt wrote before its first checkpoint: start again
@@ -248,6 +257,9 @@ def _elastic(args) -> Optional[Path]:
 
 
 def _plan(args, info) -> _Plan:
+    from .. import shards
+    from ..train import prepare
+
     if args.resume is not None:
         return _plan_resume(args, info)
     again = _elastic(args)
@@ -275,17 +287,22 @@ def _warn(message, *_args, **_kw) -> None:
     print(f"vaelens train: warning: {message}", file=sys.stderr)
 
 
-# what `fit` writes into a run directory before its first checkpoint
-_EARLY_FILES = {ck.CONFIG, ck.METRICS, ck.CHECKSUMS, ck.WEIGHTS, ck.SUMMARY, ck.CKPT_DIR}
+def _early_files() -> set:
+    """What `fit` writes into a run directory before its first checkpoint."""
+    from .. import checkpoint as ck
+
+    return {ck.CONFIG, ck.METRICS, ck.CHECKSUMS, ck.WEIGHTS, ck.SUMMARY, ck.CKPT_DIR}
 
 
 def _after_divergence(run_dir: Path, made: bool, cfg: RunConfig) -> str:
     """Remove what a run that diverged before its first checkpoint wrote, so that the same command can run
     again; the sentence that says so and how to retry ("" when a checkpoint is kept: resuming is the way)."""
+    from .. import checkpoint as ck
+
     if ck.checkpoint_candidates(run_dir) or not run_dir.is_dir():
         return ""
     entries = list(run_dir.iterdir())
-    if any(p.name not in _EARLY_FILES for p in entries):
+    if any(p.name not in _early_files() for p in entries):
         return f" {run_dir} holds files vaelens did not write, so it is left as it is; retry with another --out."
     if made:
         shutil.rmtree(run_dir)
@@ -299,6 +316,9 @@ def _after_divergence(run_dir: Path, made: bool, cfg: RunConfig) -> str:
 
 
 def _fit_one(args, plan: _Plan, run_dir: Path, rcfg: RunConfig, X, X_val, info) -> TrainResult:
+    from .. import tracking
+    from ..train import fit
+
     # fit calls on_epoch on rank 0 alone; the logger is a command option, not part of the run's config
     logger = (tracking.TensorBoardLogger(run_dir, rcfg, _rows(X) if X_val is None else X_val)
               if getattr(args, "tensorboard", False) else None)
@@ -321,10 +341,16 @@ def _fit_one(args, plan: _Plan, run_dir: Path, rcfg: RunConfig, X, X_val, info) 
 def _rows(X, n: int = 5000):
     """Training rows for the logger's figures and the advice: X itself, or a streamed set's first n rows of its
     seeded order."""
+    from .. import stream
+
     return X.head(n) if isinstance(X, stream.StreamData) else X
 
 
 def run(args) -> TrainOutcome:
+    from .. import advice, dist, stream, tracking
+    from ..report import build_report
+    from ..train import prepare
+
     if getattr(args, "tensorboard", False):
         tracking.require_tensorboard()  # before any data is read
     info = dist.env_info()
