@@ -240,12 +240,15 @@ def test_calls_are_sized_by_the_priors_components(fitted, digits, monkeypatch):
     vae = fitted["diagonal", "vamp"]
     module = vae.module_
     assert ev.rows_per_call(fitted["full", "normal"].module_) == ev.ROWS_PER_CALL  # the normal prior: as before
-    # a VampPrior of K = 500 in d = 50 (MNIST's scale): 2^24 / 25000 = 671 pairs, 5 blocks of 128
+    # a VampPrior of K = 500 in d = 50 (MNIST's scale): its diagonal components' density holds (pairs, K),
+    # 2^24 / 500 pairs, so the full ROWS_PER_CALL; full components hold (pairs, K, d): 2^24 / 25000 = 671
+    # pairs, 5 blocks of 128
     big = dataclasses.replace(module.cfg, prior_components=500, latent_dim=50)
-    assert ev.rows_per_call(SimpleNamespace(cfg=big)) == 640
-    # Shown to fail: IWAE calls of ROWS_PER_CALL pairs whatever K. Here 5 components x 3 dims with a
-    # budget of 2^11 entries: 136 pairs, rounded down to one EPS_BLOCK of 128 draws of one row a call.
-    monkeypatch.setattr(ev, "PRIOR_ENTRIES", 1 << 11)
+    assert ev.rows_per_call(SimpleNamespace(cfg=big)) == ev.ROWS_PER_CALL
+    assert ev.rows_per_call(SimpleNamespace(cfg=dataclasses.replace(big, posterior="full"))) == 640
+    # Shown to fail: IWAE calls of ROWS_PER_CALL pairs whatever K. Here 5 diagonal components with a
+    # budget of 2^9 entries: 102 pairs, rounded up to one EPS_BLOCK of 128 draws of one row a call.
+    monkeypatch.setattr(ev, "PRIOR_ENTRIES", 1 << 9)
     seen, draw = [], type(module).draw
 
     def spy(self, x, eps=None, **kw):

@@ -35,9 +35,11 @@ ROWS_PER_CALL = 8192
 EPS_BLOCK = 128
 # Entries of the (draws x data) log-density matrix held at once when estimating log q(z).
 _MIXTURE_BLOCK = 4_000_000
-# A mixture prior's log_prob broadcasts every z against its K components: temporaries of pairs x K x d
-# entries. Calls are sized so that one such temporary holds at most this many (64 MB in float32; the
-# log-density makes about four), whatever K: a VampPrior of K = 500 in d = 50 gets 640 pairs per call.
+# A mixture prior's log_prob holds every z against its K components: temporaries of pairs x K entries
+# for diagonal components (`model.GaussianMixture`, one matrix product), pairs x K x d for full ones (a
+# full-covariance VampPrior: torch's MixtureSameFamily). Calls are sized so that one such temporary
+# holds at most this many (128 MB in float64), whatever K: a diagonal VampPrior of K = 500 gets the
+# full ROWS_PER_CALL (8192) pairs per call, a full-covariance one in d = 50 gets 640.
 PRIOR_ENTRIES = 1 << 24
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
@@ -148,7 +150,7 @@ def bits_per_dim(nats: ArrayLike, p: int) -> np.ndarray:
 def rows_per_call(module: VAEModule) -> int:
     """(z, x) pairs per call of `VAEModule.draw`: `ROWS_PER_CALL`, fewer for a prior of many components.
 
-    N(0, I) costs d per pair, a mixture K d (see `PRIOR_ENTRIES`). For a mixture the count is a multiple
+    N(0, I) costs d per pair, a mixture of diagonal components K, of full ones K d (see `PRIOR_ENTRIES`). For a mixture the count is a multiple
     of `EPS_BLOCK` (at least one block, the fewest draws of a row that one call takes), so that rounding
     a row's draws per call up to whole blocks never takes a call past it. The normal prior keeps
     ROWS_PER_CALL, and with it its chunking.
@@ -156,7 +158,8 @@ def rows_per_call(module: VAEModule) -> int:
     cfg = module.cfg
     if cfg.prior == "normal":
         return ROWS_PER_CALL
-    rows = min(ROWS_PER_CALL, PRIOR_ENTRIES // (cfg.components * cfg.latent_dim))
+    full_components = cfg.prior == "vamp" and cfg.posterior == "full"      # the VampPrior's are q's
+    rows = min(ROWS_PER_CALL, PRIOR_ENTRIES // (cfg.components * (cfg.latent_dim if full_components else 1)))
     return max(EPS_BLOCK, rows // EPS_BLOCK * EPS_BLOCK)
 
 
@@ -255,6 +258,7 @@ def iwae_log_likelihood(module: VAEModule, X: ArrayLike, k: int = 5000, *, chunk
     out = [torch.empty(0, dtype=torch.float64, device=x_all.device)]
     module.eval()
     with torch.inference_mode():
+        pz = module.prior()                                                  # once: the weights are fixed
         for i in range(start, stop, batch_size):
             x = x_all[i:min(i + batch_size, stop)]                           # (b, p)
             gens = [_row_generator(seed, row_offset + i + j, x.device) for j in range(len(x))]
@@ -263,7 +267,7 @@ def iwae_log_likelihood(module: VAEModule, X: ArrayLike, k: int = 5000, *, chunk
             for j in range(0, k, chunk_size):
                 c = min(chunk_size, k - j)
                 eps = torch.stack([_draw(g, c, qz.mean) for g in gens], 1)   # (c, b, d)
-                lw = module.draw(x, eps, qz=qz, weights=True, closed_form=True).log_w   # (c, b) float32
+                lw = module.draw(x, eps, qz=qz, pz=pz, weights=True, closed_form=True).log_w   # (c, b) float32
                 acc = torch.logaddexp(acc, torch.logsumexp(lw.double(), 0))
             out.append(acc - math.log(k))
             if len(out) % _TRIM_EVERY == 0:

@@ -278,6 +278,7 @@ def true_posterior(module: VAEModule, x_all: torch.Tensor, k: int = GAP_K, seed:
     parts, mus, sigmas, locs = [], [], [], []
     module.eval()
     with torch.inference_mode():
+        pz = module.prior()                                                  # once: the weights are fixed
         for i in range(0, n, batch):
             x = x_all[i:i + batch]                                           # (b, p)
             q = module.inference(x)                                          # batch (b, d): the encoder's
@@ -286,7 +287,7 @@ def true_posterior(module: VAEModule, x_all: torch.Tensor, k: int = GAP_K, seed:
             acc = _Running(len(x), d, tail_length(k) + 1, x.device)
             for j in range(0, k, chunk):
                 eps = torch.stack([_draw(g, min(chunk, k - j), qz.mean) for g in gens], 1)   # (c, b, d)
-                dr = module.draw(x, eps, qz=qz, weights=True, closed_form=True)
+                dr = module.draw(x, eps, qz=qz, pz=pz, weights=True, closed_form=True)
                 acc.add(dr.log_w.double(), (dr.z - qz.mean).double())        # u = z - the proposal's mean
             parts.append(acc.finish(k))
             mus.append(q.mean.double())
@@ -345,13 +346,14 @@ def posterior_cloud(module: VAEModule, x_all: torch.Tensor, k: int = GAP_K, seed
     out = {key: [] for key in ("z", "w", "loc", "scale", "mu", "sigma")}
     module.eval()
     with torch.inference_mode():
+        pz = module.prior()
         for i in range(0, len(x_all), batch):
             x = x_all[i:i + batch]                                           # (b, p)
             q = module.inference(x)                                          # batch (b, d)
             qz = q if proposal is None else gaussian(proposal[0][i:i + batch], proposal[1][i:i + batch])
             # one _draw(g, k) per row equals true_posterior's chunked draws: chunk is a multiple of EPS_BLOCK
             eps = _noise(seed, i, len(x), k, qz.mean)                         # (k, b, d)
-            lw = torch.cat([module.draw(x, eps[j:j + chunk], qz=qz, weights=True, closed_form=True).log_w
+            lw = torch.cat([module.draw(x, eps[j:j + chunk], qz=qz, pz=pz, weights=True, closed_form=True).log_w
                             for j in range(0, k, chunk)])                    # (k, b)
             out["w"].append(torch.softmax(lw.double(), 0).T)                 # (b, k)
             out["z"].append(reparameterize(qz, eps).transpose(0, 1).double())   # (b, k, d)
@@ -510,6 +512,7 @@ def _elbos(module: VAEModule, x_all: torch.Tensor, loc: torch.Tensor, scale: tor
     out = {key: [] for key in keys}
     module.eval()
     with torch.inference_mode():
+        pz = module.prior()
         for i in range(0, len(x_all), rows):
             x = x_all[i:i + rows]                                            # (b, p)
             q = module.inference(x)                                          # batch (b, d)
@@ -517,7 +520,7 @@ def _elbos(module: VAEModule, x_all: torch.Tensor, loc: torch.Tensor, scale: tor
             eps = _noise(seed ^ _STREAM_ELBO, i, len(x), S, q.mean)           # (S, b, d)
             e = []
             for qz in (q, qs):
-                dr = module.draw(x, eps, qz=qz, closed_form=True)
+                dr = module.draw(x, eps, qz=qz, pz=pz, closed_form=True)
                 e.append((dr.log_px - dr.terms.kl).double())                 # (S, b): per-draw ELBO
             for name, v in (("amortized", e[0]), ("optimal", e[1])):
                 out[name].append(v.mean(0))

@@ -408,7 +408,7 @@ class VAEModule(nn.Module):
 
     def draw(self, x: torch.Tensor, eps: Optional[torch.Tensor] = None, *, n_samples: int = 1,
              target: Optional[torch.Tensor] = None, qz: Optional[Distribution] = None, weights: bool = False,
-             dreg: bool = False, closed_form: bool = False) -> Draws:
+             dreg: bool = False, closed_form: bool = False, pz: Optional[Distribution] = None) -> Draws:
         """Per-sample ELBO terms and, with `weights`, importance log-weights for draws z = mu + sigma * eps.
 
         Parameters
@@ -423,6 +423,9 @@ class VAEModule(nn.Module):
         qz : q(z|x) of batch (n,), event (d,), optional
             q(z|x) to use instead of ``inference(x)``: evaluation passes the one it computed once per
             batch, the symmetry check one with a moment-matched sigma.
+        pz : p(z), optional
+            The prior to use instead of ``prior()``: loops over many calls with fixed weights compute
+            it once (a VampPrior is an encoder pass over its K pseudo-inputs).
         weights : bool
             Also compute log w = log p(x|z) + log p(z) - log q(z|x), shape (S, n).
         dreg : bool
@@ -439,7 +442,7 @@ class VAEModule(nn.Module):
             raise ValueError("draw(closed_form=True) computes log p(z) - log q(z|x) from eps: pass the noise")
         target = x if target is None else target
         qz = self.inference(x) if qz is None else qz                         # batch (n,), event (d,)
-        pz = self.prior()                                                    # event (d,)
+        pz = self.prior() if pz is None else pz                              # event (d,)
         if eps is None:
             z = qz.rsample((n_samples,))                                     # (S, n, d): torch.distributions' own draw
         else:
