@@ -14,3 +14,7 @@ def __getattr__(name):
         from . import api
         return getattr(api, name)
     raise AttributeError(f"module 'vaelens' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | {"VAE", "Posterior"})  # tab completion lists the lazy names too
