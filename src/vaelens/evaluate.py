@@ -150,10 +150,10 @@ def bits_per_dim(nats: ArrayLike, p: int) -> np.ndarray:
 def rows_per_call(module: VAEModule) -> int:
     """(z, x) pairs per call of `VAEModule.draw`: `ROWS_PER_CALL`, fewer for a prior of many components.
 
-    N(0, I) costs d per pair, a mixture of diagonal components K, of full ones K d (see `PRIOR_ENTRIES`). For a mixture the count is a multiple
-    of `EPS_BLOCK` (at least one block, the fewest draws of a row that one call takes), so that rounding
-    a row's draws per call up to whole blocks never takes a call past it. The normal prior keeps
-    ROWS_PER_CALL, and with it its chunking.
+    N(0, I) costs d per pair, a mixture of diagonal components K, of full ones K d (see
+    `PRIOR_ENTRIES`). For a mixture the count is a multiple of `EPS_BLOCK` (at least one block, the
+    fewest draws of a row that one call takes), so that rounding a row's draws per call up to whole
+    blocks never takes a call past it. The normal prior keeps ROWS_PER_CALL, and with it its chunking.
     """
     cfg = module.cfg
     if cfg.prior == "normal":
