@@ -70,7 +70,7 @@ def refusals(args, cfg: RunConfig) -> List[str]:
 def _checkpoint_place(run_dir: Path) -> Optional[Tuple[int, int, int]]:
     """(completed epochs, steps into the next, epochs without improvement) of the newest checkpoint, or None
     when there is none or it cannot be read (resuming then says why, naming the file)."""
-    from .. import checkpoint as ck  # torch: loaded when a command runs, not when the CLI builds its parser
+    from .. import checkpoint as ck
 
     found = ck.checkpoint_candidates(run_dir)
     if not found:

@@ -86,7 +86,7 @@ class CompareResult(Result):
 
 
 def run(args) -> CompareResult:
-    from ..api import VAE  # torch and friends load when the command runs, not when the CLI builds its parser
+    from ..api import VAE
     from ..uniqueness import compare, expected_agreement
 
     if len(args.runs) < 2:

@@ -78,7 +78,7 @@ class EncodeResult(Result):
 
 
 def run(args) -> EncodeResult:
-    from .. import dist, stream  # torch and friends load when the command runs, not when the CLI builds its parser
+    from .. import dist, stream
     from ..api import VAE
 
     suffix = args.out.suffix.lower()

@@ -131,7 +131,7 @@ def evaluation_split(args, cfg) -> Optional[str]:
 def run(args) -> EvaluateResult:
     import torch
 
-    from .. import dist, stream  # torch and friends load when the command runs, not when the CLI builds its parser
+    from .. import dist, stream
     from ..api import VAE
     from ..train import resolve_device
 

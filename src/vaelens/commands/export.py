@@ -73,7 +73,7 @@ class ExportResult(Result):
 
 
 def run(args) -> ExportResult:
-    from .. import exporting  # torch: loads when the command runs, not when the CLI builds its parser
+    from .. import exporting
     from ..api import VAE
 
     if args.check_rows < 1:

@@ -72,7 +72,7 @@ class InfoResult(Result):
 
 
 def run(args) -> InfoResult:
-    from .. import checkpoint as ck  # torch: loads when the command runs, not when the CLI builds its parser
+    from .. import checkpoint as ck
 
     cfg, _ = ck.load_model(args.run)  # reads every file the run needs, so a damaged one is reported here
     return InfoResult(args.run, cfg, ck.read_summary(args.run) or {}, ck.read_metrics(args.run), args.json)

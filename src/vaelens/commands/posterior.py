@@ -82,7 +82,7 @@ class PosteriorResult(Result):
 
 
 def run(args) -> PosteriorResult:
-    from ..evaluate import prior_of  # torch and friends load when the command runs, not when the CLI builds its parser
+    from ..evaluate import prior_of
     from ..posterior import aggregate_monte_carlo, aggregate_posterior
 
     if args.draws < 100:

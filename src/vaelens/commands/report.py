@@ -82,7 +82,7 @@ class ReportResult(Result):
 
 
 def run(args) -> ReportResult:
-    from ..report import build_report  # torch and friends load when the command runs, not when the CLI builds its parser
+    from ..report import build_report
 
     if args.max_points < 10:
         raise VaelensError(f"--max-points must be >= 10, got {args.max_points}")

@@ -43,7 +43,7 @@ class SampleResult(Result):
 
 
 def run(args) -> SampleResult:
-    from ..api import VAE  # torch and friends load when the command runs, not when the CLI builds its parser
+    from ..api import VAE
     from ..plots import save_image_grid
 
     if args.n < 1:

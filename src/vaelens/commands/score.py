@@ -81,7 +81,7 @@ class ScoreResult(Result):
 
 
 def run(args) -> ScoreResult:
-    from ..api import VAE  # torch and friends load when the command runs, not when the CLI builds its parser
+    from ..api import VAE
 
     suffix = args.out.suffix.lower()
     if suffix not in SUFFIXES:

@@ -117,7 +117,7 @@ def prepare(args):
 
     The socket is bound first, so a busy port is reported before the model and data are loaded.
     """
-    from .. import serve as serve_mod  # torch and friends load when the command runs, not when the CLI builds its parser
+    from .. import serve as serve_mod
     from ..latentview import prior_name
 
     if args.max_points < 1:

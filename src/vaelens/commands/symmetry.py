@@ -110,7 +110,7 @@ class SymmetryResult(Result):
 
 
 def run(args) -> SymmetryResult:
-    from ..symmetries import symmetry_report  # torch and friends load when the command runs, not when the CLI builds its parser
+    from ..symmetries import symmetry_report
 
     if args.rotations < 0 or args.orthogonal < 0 or args.permutations < 1 or args.samples < 1:
         raise VaelensError("--rotations and --orthogonal must be >= 0, --permutations and --samples >= 1")

@@ -113,7 +113,7 @@ def default_out(cfg: RunConfig) -> Path:
 
 def check_run_dir(out: Path, force: bool) -> None:
     """Refuse an --out that cannot become a run directory, before the data is loaded."""
-    from .. import checkpoint as ck  # torch: loads when the command runs, not when the CLI builds its parser
+    from .. import checkpoint as ck
 
     check_writable(out, force=force, what="run directory", folder=True)
     if out.is_dir() and any(out.iterdir()):
