@@ -362,7 +362,7 @@ def _hostile_folders(good: Path, root: Path) -> dict:
 # so torch is imported once: each row's time and peak-RSS growth are the folder's own work.
 _PROBE = textwrap.dedent("""
     import io, json, resource, runpy, sys, time, contextlib, traceback
-    import vaelens.cli
+    import vaelens.cli, vaelens.api  # the timing below is the checks, not torch's first import (commands defer it)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for name, argv in json.loads(sys.argv[1]):
         err, t0 = io.StringIO(), time.monotonic()
