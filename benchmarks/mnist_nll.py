@@ -14,6 +14,7 @@ The full protocol (paper: 3280 epochs) takes hours on a CPU; --epochs, --eval-k,
     python benchmarks/mnist_nll.py --configs vae --time-eval 200 --eval-k 5000   # time the k=5000 pass
     python benchmarks/mnist_nll.py --configs best --epochs 480 --threads 2       # best default, ~90 min (*)
     python benchmarks/mnist_nll.py --configs vamp,mog --epochs 40 --limit-test 1000   # learned priors, pilot
+    python benchmarks/mnist_nll.py --configs vamp --budget-minutes 118 --threads 2     # as many epochs as fit
 
 (*) 480 epochs took 86 minutes on a 2-core Zen 4 VM at 9.8 s an epoch; on a slower machine choose --epochs so
 that training fits the time you have: the cosine schedule decays to zero over whatever --epochs says.
@@ -87,8 +88,10 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, " \
-           f"torch {torch.__version__}, {platform.python_implementation()} {platform.python_version()}"
+    bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return f"{cpu or platform.machine()}, {os.cpu_count()} cores, native bf16 {'yes' if bf16 else 'no'}, " \
+           f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, " \
+           f"{platform.python_implementation()} {platform.python_version()}"
 
 
 def budget_epochs(cfg: RunConfig, X, minutes: float, n_cal: int = 5000, safety: float = 0.95) -> RunConfig:
@@ -150,6 +153,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not args.data_dir:
         ap.error("no MNIST folder: pass --data-dir or set VAELENS_DATA_DIR")
+    if args.budget_minutes is not None and not args.budget_minutes > 0:
+        ap.error(f"--budget-minutes must be above 0, got {args.budget_minutes}")
     if not 0.0 <= args.val_fraction < 1.0:
         ap.error(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     names = [c.strip() for c in args.configs.split(",") if c.strip()]
@@ -214,7 +219,7 @@ def main(argv=None) -> int:
         row = {"config": name, "nll": ev.nll, "nll_se": ev.to_dict()["log_likelihood_se"],
                "elbo": float(ev.elbo.mean()),
                "active_units": ev.active_units, "mutual_information": ev.mutual_information,
-               "epochs": res.epochs_run, "best_epoch": res.best_epoch, "n_train": len(X),
+               "epochs": res.epochs_run, "budget_minutes": args.budget_minutes, "best_epoch": res.best_epoch, "n_train": len(X),
                "train_s": train_s, "eval_s": eval_s, "paper": PAPER[name],
                "objective": cfg.train.objective, "iw_samples_train": cfg.train.iw_samples, "dreg": cfg.train.dreg,
                "batch_size": cfg.train.batch_size, "lr": cfg.train.lr, "bf16": cfg.train.bf16,
