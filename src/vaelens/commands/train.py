@@ -348,7 +348,6 @@ def _rows(X, n: int = 5000):
 
 def run(args) -> TrainOutcome:
     from .. import advice, dist, stream, tracking
-    from ..report import build_report
     from ..train import prepare
 
     if getattr(args, "tensorboard", False):
@@ -378,5 +377,7 @@ def run(args) -> TrainOutcome:
             for line in done.advice:
                 _warn(line)
         if args.report and info.is_main:
+            from ..report import build_report  # matplotlib and scikit-learn, only for --report
+
             done.report = build_report(run_dir, ds)
     return outcome
