@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from . import dist
 from .errors import ConfigError, DataError
-from .model import VAEModule, diagonal_normal, full_normal, scale_tril, seeded
+from .model import GaussianMixture, VAEModule, diagonal_normal, full_normal, scale_tril, seeded
 
 ACTIVE_THRESHOLD = 0.01  # Burda et al. 2016: a unit is active when Cov_x(E_q[z_u]) exceeds this
 # (z, x) pairs per decoder call: large enough for big matmuls, small enough (tens of MB on MNIST)
@@ -374,24 +374,10 @@ def aggregate_posterior_stats(mu: ArrayLike, sigma: ArrayLike, n_draws: Optional
 
 
 def _log_mixture(z: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """log (1/n) sum_j N(z_i; mu_j, diag sigma_j^2) for every row of z (m, d), shape (m,).
-
-    The squared distance expands into one (m, 2d) x (2d, n) matmul; float64 because the expansion
-    subtracts terms as large as (z / sigma)^2 when sigma is small.
-    """
-    n, d = mu.shape
-    prec = sigma.pow(-2)                                                     # (n, d)
-    B = torch.cat([prec, -2 * mu * prec], 1)                                 # (n, 2d)
-    const = (mu.square() * prec).sum(-1)                                     # (n,)
-    log_norm = -sigma.log().sum(-1) - 0.5 * d * math.log(2 * math.pi)        # (n,): each component's normalizer
-    rows = max(1, _MIXTURE_BLOCK // n)
-    out = []
-    for i in range(0, len(z), rows):
-        zi = z[i:i + rows]                                                   # (r, d)
-        A = torch.cat([zi.square(), zi], 1)                                  # (r, 2d)
-        sq = A @ B.T + const                                                 # (r, n): Mahalanobis distances
-        out.append(torch.logsumexp(log_norm - 0.5 * sq.clamp(min=0), 1) - math.log(n))
-    return torch.cat(out)
+    """log (1/n) sum_j N(z_i; mu_j, diag sigma_j^2) for every row of z (m, d), shape (m,): the equal-weight
+    `GaussianMixture` of the n posteriors, whose density is one float64 matrix product per block of rows."""
+    uniform = torch.zeros(len(mu), dtype=mu.dtype, device=mu.device)         # (n,): log-weights, normalized there
+    return log_prob_rows(GaussianMixture(uniform, mu, sigma), z)
 
 
 def _log_mixture_full(z: torch.Tensor, mu: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
@@ -430,7 +416,8 @@ def log_prob_rows(p: Distribution, z: torch.Tensor) -> torch.Tensor:
     """p.log_prob(z) for z (m, d), shape (m,), in blocks of rows: a mixture's log_prob broadcasts every
     row against its K components, (m, K, d) entries, which are kept within `_MIXTURE_BLOCK` per block."""
     K = p.mixture_distribution.logits.shape[-1] if isinstance(p, MixtureSameFamily) else 1
-    rows = max(1, _MIXTURE_BLOCK // (K * z.shape[-1]))
+    per_row = K if isinstance(p, GaussianMixture) else K * z.shape[-1]      # GaussianMixture: one (rows, K) product
+    rows = max(1, _MIXTURE_BLOCK // per_row)
     return torch.cat([p.log_prob(z[i:i + rows]) for i in range(0, len(z), rows)])
 
 
@@ -446,6 +433,10 @@ def prior_of(module: VAEModule) -> Optional[Distribution]:
 
 def to_float64(p: Distribution) -> Distribution:
     """The same latent distribution (either Gaussian family, or a mixture of them) with float64 CPU parameters."""
+    if isinstance(p, GaussianMixture):
+        comp = p.component_distribution.base_dist
+        return GaussianMixture(p.mixture_distribution.logits.double().cpu(), comp.loc.double().cpu(),
+                               comp.scale.double().cpu())
     if isinstance(p, MixtureSameFamily):
         mix = Categorical(logits=p.mixture_distribution.logits.double().cpu(), validate_args=False)
         return MixtureSameFamily(mix, to_float64(p.component_distribution), validate_args=False)
