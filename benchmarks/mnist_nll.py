@@ -36,6 +36,7 @@ import torch
 from vaelens import data as data_mod
 from vaelens.commands._common import int_list as _int_list
 from vaelens.config import ConfigError, DataConfig, ModelConfig, RunConfig, TrainConfig
+from vaelens.errors import VaelensError
 from vaelens.evaluate import evaluate, iwae_log_likelihood
 from vaelens.train import fit, prepare
 
@@ -167,8 +168,11 @@ def main(argv=None) -> int:
     torch.set_flush_denormal(True)
     dcfg = DataConfig(name="mnist", data_dir=args.data_dir, binarize="dynamic", val_fraction=args.val_fraction,
                       limit=args.limit_train)
-    train_ds = data_mod.load(dcfg, "train")
-    test_ds = data_mod.load(dcfg, "test")
+    try:
+        train_ds = data_mod.load(dcfg, "train")
+        test_ds = data_mod.load(dcfg, "test")
+    except VaelensError as e:  # a missing or damaged folder: one line, exit status 2
+        ap.error(f"--data-dir {args.data_dir}: {e}")
     X_test = data_mod.binarize_static(test_ds.X, args.seed)  # one fixed binarization of the test set
     if args.limit_test is not None:
         X_test = X_test[:args.limit_test]

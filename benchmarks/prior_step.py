@@ -24,7 +24,8 @@ import torch
 
 from mnist_nll import machine  # beside this file: the same host line as the likelihood benchmark
 from vaelens import data as data_mod
-from vaelens.config import DataConfig, ModelConfig
+from vaelens.config import ConfigError, DataConfig, ModelConfig
+from vaelens.errors import VaelensError
 
 PRIORS = ("normal", "mog", "vamp")
 
@@ -36,7 +37,7 @@ def build(prior: str, X: torch.Tensor, weights):
     if weights is not None and prior == "vamp":
         cfg, module = load_model(Path(weights))
         if cfg.model.prior != "vamp":
-            raise SystemExit(f"--weights {weights}: that run's prior is {cfg.model.prior!r}, not 'vamp'")
+            raise ConfigError(f"that run's prior is {cfg.model.prior!r}, not 'vamp'")
         return module.train()
     cfg = ModelConfig(latent_dim=50, hidden=(400, 400), activation="relu", likelihood="bernoulli", input_dim=784,
                       prior=prior, prior_components=500 if prior != "normal" else None)
@@ -76,10 +77,16 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
-    X = torch.as_tensor(data_mod.load(DataConfig(name="mnist", data_dir=args.data_dir), "train").X[:20000],
-                        dtype=torch.float32)
+    try:
+        train = data_mod.load(DataConfig(name="mnist", data_dir=args.data_dir), "train")
+    except VaelensError as e:  # a missing or damaged folder: one line, exit status 2
+        ap.error(f"--data-dir {args.data_dir}: {e}")
+    X = torch.as_tensor(train.X[:20000], dtype=torch.float32)
     print(f"machine: {machine()}")
-    models = {p: build(p, X, args.weights) for p in priors}
+    try:
+        models = {p: build(p, X, args.weights) for p in priors}
+    except VaelensError as e:  # --weights is not a readable run
+        ap.error(f"--weights {args.weights}: {e}")
     opts = {p: torch.optim.Adam(m.parameters(), 1e-4) for p, m in models.items()}
     for p in priors:                                                         # warm-up: allocator, thread pool
         time_steps(models[p], X, opts[p], 0, 5)
