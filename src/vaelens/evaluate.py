@@ -413,8 +413,8 @@ def _log_mixture_full(z: torch.Tensor, mu: torch.Tensor, L: torch.Tensor) -> tor
 
 
 def log_prob_rows(p: Distribution, z: torch.Tensor) -> torch.Tensor:
-    """p.log_prob(z) for z (m, d), shape (m,), in blocks of rows: a mixture's log_prob broadcasts every
-    row against its K components, (m, K, d) entries, which are kept within `_MIXTURE_BLOCK` per block."""
+    """p.log_prob(z) for z (m, d), shape (m,), in blocks of rows: a mixture's log_prob builds K entries per
+    row (a `GaussianMixture`: one product) or K d (the generic broadcast), kept within `_MIXTURE_BLOCK` a block."""
     K = p.mixture_distribution.logits.shape[-1] if isinstance(p, MixtureSameFamily) else 1
     per_row = K if isinstance(p, GaussianMixture) else K * z.shape[-1]      # GaussianMixture: one (rows, K) product
     rows = max(1, _MIXTURE_BLOCK // per_row)
